@@ -1,0 +1,31 @@
+//! Ferry's MQTT runtime around the sans-I/O core.
+//!
+//! Where things are:
+//! - [`server`]: [`Server::start`] binds the TCP listener, spawns the router task and one task
+//!   per connection; [`Server::shutdown`] stops accepting, sends DISCONNECT 0x8B and drains.
+//! - `router`: the task that owns the [`ferry_core::Broker`] and dispatches its outputs.
+//! - `connection`: the per-connection driver (read, decode, [`ferry_core::Connection`], write).
+//! - [`outbox`]: the bounded router → connection queue (QoS 0 overflow is dropped and counted).
+//! - [`auth`]: user name / password authentication of the default listener.
+//! - [`metrics`]: the counters.
+//!
+//! Connections talk to the router over one bounded channel; the router never waits on a
+//! connection. Every queue is bounded.
+
+pub mod auth;
+mod connection;
+pub mod metrics;
+pub mod outbox;
+mod router;
+pub mod server;
+
+pub use auth::{Authenticator, User};
+pub use metrics::Metrics;
+pub use server::{Config, Server};
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub router: tokio::sync::mpsc::Sender<router::RouterMsg>,
+    pub metrics: std::sync::Arc<Metrics>,
+}

@@ -1,0 +1,18 @@
+//! Counters shared between the router, the connections and whoever reports them.
+
+use std::sync::atomic::AtomicU64;
+
+#[derive(Default, Debug)]
+pub struct Metrics {
+    pub connections: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    /// QoS 0 messages dropped because a subscriber's outbox was full.
+    pub dropped_qos0: AtomicU64,
+    /// QoS 1/2 messages dropped because a session's queue was full.
+    pub dropped_queue_full: AtomicU64,
+    pub sessions: AtomicU64,
+    pub retained: AtomicU64,
+    /// Connections closed for malformed or hostile input.
+    pub protocol_errors: AtomicU64,
+}

@@ -1,0 +1,1080 @@
+//! The broker core: one state machine that owns the sessions, the subscription trie and the
+//! retained messages of a tenant, and turns packets from connections into packets for
+//! connections. It does no I/O and reads no clock: every input carries `now`, every output is
+//! queued in [`Broker::drain_output`], and [`Broker::poll_timeout`] says when
+//! [`Broker::handle_timeout`] must next run. The runtime (the `broker` crate) drives it from
+//! one task; tests drive it with a virtual clock.
+//!
+//! What is per connection rather than per session (keep-alive, topic aliases, the inbound
+//! receive maximum) lives in [`crate::conn::Connection`], next to the socket.
+
+use crate::acl::{Acl, Action};
+use crate::message::{Message, SharedMessage};
+use crate::retained::{MemoryRetained, RetainedStore};
+use crate::session::{
+    Delivery, Inflight, MemorySessions, OutState, PendingWill, Session, SessionRegistry,
+};
+use crate::topic;
+use crate::trie::{Match, SessionId, Subscription, SubscriptionTree};
+use ferry_codec::{
+    ByteStr, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, PubAck, Publish, QoS,
+    ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
+};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Identifies one network connection; allocated by the runtime.
+pub type ConnId = u64;
+
+/// Limits and feature switches of the broker core.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest packet the server accepts (advertised to v5 clients).
+    pub max_packet_size: u32,
+    /// Keep-alive ceiling in seconds; a client asking for more (or for 0) gets this value as
+    /// Server Keep Alive (v5). 0 = no ceiling.
+    pub max_keep_alive: u16,
+    /// How many QoS 1/2 PUBLISH a client may have unacknowledged towards the server.
+    pub receive_maximum: u16,
+    /// Ceiling of QoS 1/2 messages in flight towards one client.
+    pub max_inflight: u16,
+    /// Messages queued per session beyond the inflight window; more are dropped and counted.
+    pub max_queued_messages: usize,
+    /// Topic aliases a client may use towards the server.
+    pub topic_alias_maximum: u16,
+    /// Ceiling on the session expiry interval, in seconds.
+    pub max_session_expiry: u32,
+    pub retain_available: bool,
+    pub max_qos: QoS,
+    /// Longest client id accepted.
+    pub max_client_id_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_packet_size: 1024 * 1024,
+            max_keep_alive: 0,
+            receive_maximum: 1024,
+            max_inflight: 64,
+            max_queued_messages: 1000,
+            topic_alias_maximum: 64,
+            max_session_expiry: u32::MAX,
+            retain_available: true,
+            max_qos: QoS::ExactlyOnce,
+            max_client_id_len: 65_535,
+        }
+    }
+}
+
+/// What the runtime must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Write `packet` to connection `conn`.
+    Send { conn: ConnId, packet: Packet },
+    /// Write the DISCONNECT (if any), flush, and close `conn`. The core has already forgotten
+    /// the connection.
+    Close {
+        conn: ConnId,
+        disconnect: Option<Disconnect>,
+    },
+}
+
+/// What the runtime learns from an accepted CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub client_id: ByteStr,
+    /// Keep-alive to enforce, in seconds (after the server ceiling).
+    pub keep_alive: u16,
+}
+
+/// Counters the runtime exports as metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub messages_received: u64,
+    pub messages_sent: u64,
+    pub dropped_queue_full: u64,
+    pub dropped_too_large: u64,
+    pub dropped_expired: u64,
+}
+
+/// Per-connection facts the core needs.
+#[derive(Debug)]
+struct ConnState {
+    session: SessionId,
+    protocol: Protocol,
+    user: Option<ByteStr>,
+    will: Option<(SharedMessage, u32)>,
+    /// The client's maximum packet size.
+    max_packet_size: u32,
+    /// The outbound inflight window for this connection.
+    window: usize,
+    /// Whether the CONNECT set session expiry 0 (v5 forbids raising it at DISCONNECT then).
+    zero_expiry_at_connect: bool,
+    problem_info: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    SessionExpiry(SessionId),
+    WillDelay(SessionId),
+}
+
+pub struct Broker {
+    limits: Limits,
+    acl: Acl,
+    sessions: Box<dyn SessionRegistry>,
+    retained: Box<dyn RetainedStore>,
+    subscriptions: SubscriptionTree,
+    conns: HashMap<ConnId, ConnState>,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    out: Vec<Output>,
+    next_session: SessionId,
+    next_assigned: u64,
+    stats: Stats,
+    matches: Vec<Match>,
+}
+
+fn v5_disconnect(code: ReasonCode, reason: Option<&str>) -> Disconnect {
+    Disconnect {
+        code,
+        properties: Properties {
+            reason_string: reason.map(ByteStr::from),
+            ..Default::default()
+        },
+    }
+}
+
+impl Broker {
+    pub fn new(limits: Limits, acl: Acl) -> Self {
+        Self::with_stores(
+            limits,
+            acl,
+            Box::<MemorySessions>::default(),
+            Box::<MemoryRetained>::default(),
+        )
+    }
+
+    pub fn with_stores(
+        limits: Limits,
+        acl: Acl,
+        sessions: Box<dyn SessionRegistry>,
+        retained: Box<dyn RetainedStore>,
+    ) -> Self {
+        Broker {
+            limits,
+            acl,
+            sessions,
+            retained,
+            subscriptions: SubscriptionTree::new(),
+            conns: HashMap::new(),
+            timers: BinaryHeap::new(),
+            out: Vec::new(),
+            next_session: 1,
+            next_assigned: 1,
+            stats: Stats::default(),
+            matches: Vec::new(),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    /// Outputs produced so far, in order.
+    pub fn drain_output(&mut self) -> std::vec::Drain<'_, Output> {
+        self.out.drain(..)
+    }
+
+    /// When [`Broker::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    fn send(&mut self, conn: ConnId, packet: Packet) {
+        self.out.push(Output::Send { conn, packet });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Connect
+
+    /// Handles an authenticated CONNECT on a new connection: queues the CONNACK (and the resumed
+    /// session's messages) or a refusing CONNACK followed by a close.
+    pub fn connect(&mut self, conn: ConnId, connect: Connect, now: Instant) -> Option<Accepted> {
+        let protocol = connect.protocol;
+        let v5 = protocol.is_v5();
+        let refuse = |b: &mut Self, code: ReasonCode, reason: &str| {
+            let mut ack = ConnAck {
+                session_present: false,
+                code,
+                properties: Properties::default(),
+            };
+            if v5 {
+                ack.properties.reason_string = Some(reason.into());
+            }
+            b.send(conn, Packet::ConnAck(ack));
+            b.out.push(Output::Close {
+                conn,
+                disconnect: None,
+            });
+            None
+        };
+        if connect.properties.authentication_method.is_some() {
+            return refuse(
+                self,
+                ReasonCode::BAD_AUTHENTICATION_METHOD,
+                "enhanced authentication is not supported",
+            );
+        }
+        if connect.client_id.len() > self.limits.max_client_id_len {
+            return refuse(
+                self,
+                ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                "client id too long",
+            );
+        }
+        let mut assigned = None;
+        let client_id = if connect.client_id.is_empty() {
+            if !v5 && !connect.clean_start {
+                // MQTT 3.1.1 §3.1.3-8: an empty client id needs clean session = 1.
+                return refuse(
+                    self,
+                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                    "empty client id needs clean session",
+                );
+            }
+            let id = ByteStr::from(format!("ferry-{:016x}", self.next_assigned));
+            self.next_assigned += 1;
+            assigned = Some(id.clone());
+            id
+        } else {
+            connect.client_id.clone()
+        };
+        if let Some(will) = &connect.will {
+            if topic::validate_name(&will.topic).is_err() {
+                return refuse(self, ReasonCode::TOPIC_NAME_INVALID, "invalid will topic");
+            }
+            if will.retain && !self.limits.retain_available {
+                return refuse(
+                    self,
+                    ReasonCode::RETAIN_NOT_SUPPORTED,
+                    "retain not supported",
+                );
+            }
+            if will.qos > self.limits.max_qos {
+                return refuse(
+                    self,
+                    ReasonCode::QOS_NOT_SUPPORTED,
+                    "will QoS not supported",
+                );
+            }
+            if !self
+                .acl
+                .check(connect.username.as_deref(), Action::Publish, &will.topic)
+            {
+                return refuse(
+                    self,
+                    ReasonCode::NOT_AUTHORIZED,
+                    "will topic not authorized",
+                );
+            }
+        }
+
+        // Session expiry: v3 clean session = 0 means a session that never expires.
+        let requested_expiry = if v5 {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let expiry = requested_expiry.min(self.limits.max_session_expiry);
+
+        // Take over an existing connection with the same client id.
+        let existing = self.sessions.find(&client_id);
+        if let Some(sid) = existing {
+            if let Some(old) = self.sessions.get(sid).and_then(|s| s.conn) {
+                let old_v5 = self.conns.get(&old).is_some_and(|c| c.protocol.is_v5());
+                self.out.push(Output::Close {
+                    conn: old,
+                    disconnect: old_v5.then(|| v5_disconnect(ReasonCode::SESSION_TAKEN_OVER, None)),
+                });
+                self.detach(old, true, now);
+            }
+        }
+        let existing = self.sessions.find(&client_id);
+        let (sid, session_present) = match existing {
+            Some(sid) if !connect.clean_start => (sid, true),
+            Some(sid) => {
+                self.end_session(sid, now);
+                (self.create_session(client_id.clone()), false)
+            }
+            None => (self.create_session(client_id.clone()), false),
+        };
+        let session = self.sessions.get_mut(sid).expect("session exists");
+        session.conn = Some(conn);
+        session.expiry_interval = expiry;
+        session.expires_at = None;
+        // A reconnect before the will delay passed cancels the will (§3.1.3.2.2).
+        session.pending_will = None;
+
+        let will = connect.will.as_ref().map(|w| {
+            let mut props = w.properties.clone();
+            let delay = props.will_delay_interval.take().unwrap_or(0);
+            let msg = Message::from_publish(
+                Publish {
+                    dup: false,
+                    qos: w.qos,
+                    retain: w.retain,
+                    topic: w.topic.clone(),
+                    packet_id: 0,
+                    payload: w.payload.clone(),
+                    properties: props,
+                },
+                client_id.clone(),
+                now,
+            );
+            (Arc::new(msg), delay)
+        });
+        let client_receive_max = connect.properties.receive_maximum.unwrap_or(u16::MAX);
+        let window = usize::from(client_receive_max.min(self.limits.max_inflight).max(1));
+        self.conns.insert(
+            conn,
+            ConnState {
+                session: sid,
+                protocol,
+                user: connect.username.clone(),
+                will,
+                max_packet_size: connect.properties.maximum_packet_size.unwrap_or(u32::MAX),
+                window,
+                zero_expiry_at_connect: requested_expiry == 0,
+                problem_info: connect.properties.request_problem_information != Some(0),
+            },
+        );
+
+        let mut keep_alive = connect.keep_alive;
+        let mut server_keep_alive = None;
+        let max_ka = self.limits.max_keep_alive;
+        if max_ka > 0 && (keep_alive == 0 || keep_alive > max_ka) {
+            keep_alive = max_ka;
+            server_keep_alive = Some(max_ka);
+        }
+        let mut ack = ConnAck {
+            session_present,
+            code: ReasonCode::SUCCESS,
+            properties: Properties::default(),
+        };
+        if v5 {
+            let p = &mut ack.properties;
+            p.assigned_client_identifier = assigned;
+            p.server_keep_alive = server_keep_alive;
+            if expiry != requested_expiry {
+                p.session_expiry_interval = Some(expiry);
+            }
+            if self.limits.receive_maximum != u16::MAX {
+                p.receive_maximum = Some(self.limits.receive_maximum);
+            }
+            p.maximum_packet_size = Some(self.limits.max_packet_size);
+            p.topic_alias_maximum = Some(self.limits.topic_alias_maximum);
+            if self.limits.max_qos != QoS::ExactlyOnce {
+                p.maximum_qos = Some(self.limits.max_qos as u8);
+            }
+            if !self.limits.retain_available {
+                p.retain_available = Some(0);
+            }
+        }
+        self.send(conn, Packet::ConnAck(ack));
+        if session_present {
+            self.resume(sid, conn, now);
+        }
+        Some(Accepted {
+            client_id,
+            keep_alive,
+        })
+    }
+
+    fn create_session(&mut self, client_id: ByteStr) -> SessionId {
+        let sid = self.next_session;
+        self.next_session += 1;
+        self.sessions.insert(Session::new(sid, client_id));
+        sid
+    }
+
+    /// Retransmits what was in flight (PUBLISH with DUP, PUBREL) and then the queue.
+    fn resume(&mut self, sid: SessionId, conn: ConnId, now: Instant) {
+        let Some(state) = self.conns.get(&conn) else {
+            return;
+        };
+        let protocol = state.protocol;
+        let Some(session) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        let mut packets = Vec::with_capacity(session.inflight.len());
+        for inflight in &session.inflight {
+            packets.push(match inflight.state {
+                OutState::Published => {
+                    let mut p = build_publish(&inflight.delivery, protocol, now);
+                    p.packet_id = inflight.packet_id;
+                    p.dup = true;
+                    Packet::Publish(p)
+                }
+                OutState::Released => Packet::PubRel(PubAck::new(inflight.packet_id)),
+            });
+        }
+        for packet in packets {
+            self.send(conn, packet);
+        }
+        self.flush(sid, now);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Packets from a connected client
+
+    /// Handles a packet from connection `conn` after its CONNECT was accepted. PINGREQ, AUTH
+    /// and topic aliases are dealt with by [`crate::conn::Connection`] before this.
+    pub fn handle(&mut self, conn: ConnId, packet: Packet, now: Instant) {
+        let Some(state) = self.conns.get(&conn) else {
+            return;
+        };
+        let sid = state.session;
+        let v5 = state.protocol.is_v5();
+        match packet {
+            Packet::Publish(p) => self.handle_publish(conn, p, now),
+            Packet::PubAck(ack) => {
+                if let Some(s) = self.sessions.get_mut(sid) {
+                    if let Some(i) = s.find_inflight(ack.packet_id) {
+                        if s.inflight[i].state == OutState::Published
+                            && s.inflight[i].delivery.qos == QoS::AtLeastOnce
+                        {
+                            s.inflight.remove(i);
+                        }
+                    }
+                }
+                self.flush(sid, now);
+            }
+            Packet::PubRec(rec) => {
+                let mut reply = None;
+                if let Some(s) = self.sessions.get_mut(sid) {
+                    match s.find_inflight(rec.packet_id) {
+                        Some(i) if s.inflight[i].delivery.qos == QoS::ExactlyOnce => {
+                            if rec.code.is_error() {
+                                // The receiver refused it: the exchange ends here.
+                                s.inflight.remove(i);
+                            } else {
+                                s.inflight[i].state = OutState::Released;
+                                reply = Some(PubAck::new(rec.packet_id));
+                            }
+                        }
+                        _ => {
+                            reply = Some(PubAck::with_code(
+                                rec.packet_id,
+                                ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
+                            ))
+                        }
+                    }
+                }
+                if let Some(mut rel) = reply {
+                    if !v5 {
+                        rel.code = ReasonCode::SUCCESS;
+                    }
+                    self.send(conn, Packet::PubRel(rel));
+                }
+                self.flush(sid, now);
+            }
+            Packet::PubRel(rel) => {
+                let known = self
+                    .sessions
+                    .get_mut(sid)
+                    .is_some_and(|s| s.incoming_qos2.remove(&rel.packet_id));
+                let code = if known || !v5 {
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                self.send(
+                    conn,
+                    Packet::PubComp(PubAck::with_code(rel.packet_id, code)),
+                );
+            }
+            Packet::PubComp(comp) => {
+                if let Some(s) = self.sessions.get_mut(sid) {
+                    if let Some(i) = s.find_inflight(comp.packet_id) {
+                        if s.inflight[i].state == OutState::Released {
+                            s.inflight.remove(i);
+                        }
+                    }
+                }
+                self.flush(sid, now);
+            }
+            Packet::Subscribe(sub) => self.handle_subscribe(conn, sub, now),
+            Packet::Unsubscribe(unsub) => self.handle_unsubscribe(conn, unsub),
+            Packet::Disconnect(d) => self.handle_disconnect(conn, d, now),
+            Packet::PingReq => self.send(conn, Packet::PingResp),
+            Packet::Connect(_) => {
+                self.protocol_error(conn, ReasonCode::PROTOCOL_ERROR, "second CONNECT", now)
+            }
+            Packet::Auth(_) => self.protocol_error(
+                conn,
+                ReasonCode::PROTOCOL_ERROR,
+                "AUTH without enhanced authentication",
+                now,
+            ),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => self
+                .protocol_error(
+                    conn,
+                    ReasonCode::PROTOCOL_ERROR,
+                    "packet type only a server may send",
+                    now,
+                ),
+        }
+    }
+
+    /// Closes `conn` for a protocol violation: v5 gets a DISCONNECT with `code`, the will is
+    /// published.
+    pub fn protocol_error(&mut self, conn: ConnId, code: ReasonCode, reason: &str, now: Instant) {
+        let Some(state) = self.conns.get(&conn) else {
+            return;
+        };
+        let disconnect = state.protocol.is_v5().then(|| {
+            let with_reason = state.problem_info;
+            v5_disconnect(code, with_reason.then_some(reason))
+        });
+        self.out.push(Output::Close { conn, disconnect });
+        self.detach(conn, true, now);
+    }
+
+    fn handle_publish(&mut self, conn: ConnId, publish: Publish, now: Instant) {
+        let state = &self.conns[&conn];
+        let sid = state.session;
+        let v5 = state.protocol.is_v5();
+        if let Err(e) = topic::validate_name(&publish.topic) {
+            return self.protocol_error(conn, e.reason_code(false), &e.to_string(), now);
+        }
+        if publish.qos > self.limits.max_qos {
+            return self.protocol_error(
+                conn,
+                ReasonCode::QOS_NOT_SUPPORTED,
+                "QoS not supported",
+                now,
+            );
+        }
+        if publish.retain && !self.limits.retain_available {
+            return self.protocol_error(
+                conn,
+                ReasonCode::RETAIN_NOT_SUPPORTED,
+                "retain not supported",
+                now,
+            );
+        }
+        let allowed = self
+            .acl
+            .check(state.user.as_deref(), Action::Publish, &publish.topic);
+        let qos = publish.qos;
+        let packet_id = publish.packet_id;
+        if !allowed {
+            // MQTT 3 has no way to refuse a PUBLISH but closing the connection.
+            if !v5 {
+                return self.protocol_error(
+                    conn,
+                    ReasonCode::NOT_AUTHORIZED,
+                    "not authorized",
+                    now,
+                );
+            }
+            let ack = PubAck::with_code(packet_id, ReasonCode::NOT_AUTHORIZED);
+            match qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.send(conn, Packet::PubAck(ack)),
+                QoS::ExactlyOnce => self.send(conn, Packet::PubRec(ack)),
+            }
+            return;
+        }
+        if qos == QoS::ExactlyOnce {
+            let session = self.sessions.get_mut(sid).expect("connected session");
+            if session.incoming_qos2.contains(&packet_id) {
+                // A retransmission (or a reused id) of a message already received: acknowledge
+                // again without delivering twice (§4.3.3).
+                let code = if publish.dup || !v5 {
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::PACKET_IDENTIFIER_IN_USE
+                };
+                self.send(conn, Packet::PubRec(PubAck::with_code(packet_id, code)));
+                return;
+            }
+            session.incoming_qos2.insert(packet_id);
+        }
+        let client_id = self
+            .sessions
+            .get(sid)
+            .expect("connected session")
+            .client_id
+            .clone();
+        let msg = Arc::new(Message::from_publish(publish, client_id, now));
+        self.stats.messages_received += 1;
+        if msg.retain {
+            if msg.payload.is_empty() {
+                self.retained.remove(&msg.topic);
+            } else {
+                self.retained.insert(msg.clone());
+            }
+        }
+        self.route(msg, now);
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(conn, Packet::PubAck(PubAck::new(packet_id))),
+            QoS::ExactlyOnce => self.send(conn, Packet::PubRec(PubAck::new(packet_id))),
+        }
+    }
+
+    /// Publishes a message made by the server (or the runtime) as if a client had sent it.
+    pub fn publish(&mut self, msg: Message, now: Instant) {
+        let msg = Arc::new(msg);
+        if msg.retain {
+            if msg.payload.is_empty() {
+                self.retained.remove(&msg.topic);
+            } else {
+                self.retained.insert(msg.clone());
+            }
+        }
+        self.route(msg, now);
+    }
+
+    /// Fans `msg` out to every matching session: one copy per session, with the highest QoS of
+    /// its matching subscriptions and all their subscription identifiers.
+    fn route(&mut self, msg: SharedMessage, now: Instant) {
+        let mut matches = std::mem::take(&mut self.matches);
+        matches.clear();
+        {
+            let sessions = &self.sessions;
+            let online = |sid: SessionId| sessions.get(sid).is_some_and(|s| s.conn.is_some());
+            self.subscriptions
+                .matches(&msg.topic, &online, &mut matches);
+        }
+        if matches.len() > 1 {
+            matches.sort_unstable_by_key(|m| m.session);
+        }
+        let mut i = 0;
+        while i < matches.len() {
+            let sid = matches[i].session;
+            let mut j = i;
+            let mut qos = QoS::AtMostOnce;
+            let mut retain = false;
+            let mut sub_ids = Vec::new();
+            let mut any = false;
+            let client_id = self.sessions.get(sid).map(|s| s.client_id.clone());
+            while j < matches.len() && matches[j].session == sid {
+                let m = &matches[j];
+                j += 1;
+                if m.sub.options.no_local && !m.shared && client_id.as_ref() == Some(&msg.publisher)
+                {
+                    continue;
+                }
+                any = true;
+                qos = qos.max(m.sub.options.qos);
+                retain |= m.sub.options.retain_as_published && !m.shared && msg.retain;
+                if let Some(id) = m.sub.id {
+                    sub_ids.push(id);
+                }
+            }
+            i = j;
+            if any {
+                let delivery = Delivery {
+                    qos: qos.min(msg.qos),
+                    msg: msg.clone(),
+                    retain,
+                    sub_ids,
+                };
+                self.deliver(sid, delivery, now);
+            }
+        }
+        self.matches = matches;
+    }
+
+    /// Hands one delivery to a session: straight out if the window allows, else queued.
+    fn deliver(&mut self, sid: SessionId, delivery: Delivery, now: Instant) {
+        let max_queued = self.limits.max_queued_messages;
+        let Some(session) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        let Some(conn) = session.conn else {
+            if delivery.qos == QoS::AtMostOnce {
+                return;
+            }
+            if session.pending.len() >= max_queued {
+                session.dropped += 1;
+                self.stats.dropped_queue_full += 1;
+                return;
+            }
+            session.pending.push_back(delivery);
+            return;
+        };
+        let state = &self.conns[&conn];
+        if delivery.qos == QoS::AtMostOnce {
+            let publish = build_publish(&delivery, state.protocol, now);
+            self.emit_publish(conn, publish);
+            return;
+        }
+        if session.inflight.len() < state.window && session.pending.is_empty() {
+            self.start_inflight(sid, conn, delivery, now);
+        } else if session.pending.len() >= max_queued {
+            session.dropped += 1;
+            self.stats.dropped_queue_full += 1;
+        } else {
+            session.pending.push_back(delivery);
+        }
+    }
+
+    /// Sends a QoS 1/2 delivery with a fresh packet id and records it in flight. A message larger
+    /// than the client's maximum packet size is dropped instead (§3.1.2.11.4).
+    fn start_inflight(&mut self, sid: SessionId, conn: ConnId, delivery: Delivery, now: Instant) {
+        let state = &self.conns[&conn];
+        let mut publish = build_publish(&delivery, state.protocol, now);
+        if Packet::Publish(publish.clone()).encoded_len(state.protocol)
+            > state.max_packet_size as usize
+        {
+            self.stats.dropped_too_large += 1;
+            return;
+        }
+        let session = self.sessions.get_mut(sid).expect("session");
+        let packet_id = session.next_packet_id();
+        publish.packet_id = packet_id;
+        session.inflight.push_back(Inflight {
+            packet_id,
+            delivery,
+            state: OutState::Published,
+        });
+        self.stats.messages_sent += 1;
+        self.send(conn, Packet::Publish(publish));
+    }
+
+    fn emit_publish(&mut self, conn: ConnId, publish: Publish) {
+        let state = &self.conns[&conn];
+        let packet = Packet::Publish(publish);
+        if state.max_packet_size != u32::MAX
+            && packet.encoded_len(state.protocol) > state.max_packet_size as usize
+        {
+            self.stats.dropped_too_large += 1;
+            return;
+        }
+        self.stats.messages_sent += 1;
+        self.send(conn, packet);
+    }
+
+    /// Moves queued messages into the inflight window while there is room.
+    fn flush(&mut self, sid: SessionId, now: Instant) {
+        loop {
+            let Some(session) = self.sessions.get_mut(sid) else {
+                return;
+            };
+            let Some(conn) = session.conn else {
+                return;
+            };
+            let window = self.conns[&conn].window;
+            if session.inflight.len() >= window {
+                return;
+            }
+            let Some(delivery) = session.pending.pop_front() else {
+                return;
+            };
+            if delivery.msg.is_expired(now) {
+                self.stats.dropped_expired += 1;
+                continue;
+            }
+            self.start_inflight(sid, conn, delivery, now);
+        }
+    }
+
+    fn handle_subscribe(&mut self, conn: ConnId, sub: Subscribe, now: Instant) {
+        let state = &self.conns[&conn];
+        let sid = state.session;
+        let v5 = state.protocol.is_v5();
+        let user = state.user.clone();
+        let sub_id = sub.properties.subscription_identifiers.first().copied();
+        let mut codes = Vec::with_capacity(sub.filters.len());
+        let mut retained_for = Vec::new();
+        for (raw, options) in sub.filters {
+            let parsed = match topic::parse_filter(&raw) {
+                Ok(p) => p,
+                Err(_) => {
+                    codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                    continue;
+                }
+            };
+            if parsed.share_group.is_some() && options.no_local && v5 {
+                return self.protocol_error(
+                    conn,
+                    ReasonCode::PROTOCOL_ERROR,
+                    "no local on a shared subscription",
+                    now,
+                );
+            }
+            if !self
+                .acl
+                .check(user.as_deref(), Action::Subscribe, parsed.filter)
+            {
+                codes.push(ReasonCode::NOT_AUTHORIZED);
+                continue;
+            }
+            let mut options = options;
+            options.qos = options.qos.min(self.limits.max_qos);
+            let subscription = Subscription {
+                options,
+                id: sub_id,
+            };
+            let is_new =
+                self.subscriptions
+                    .insert(parsed.filter, parsed.share_group, sid, subscription);
+            if let Some(s) = self.sessions.get_mut(sid) {
+                s.subscriptions.insert(raw.clone(), subscription);
+            }
+            codes.push(ReasonCode(options.qos as u8));
+            let send_retained = match options.retain_handling {
+                RetainHandling::OnSubscribe => true,
+                RetainHandling::OnNewSubscribe => is_new,
+                RetainHandling::Never => false,
+            };
+            if send_retained && parsed.share_group.is_none() {
+                retained_for.push((parsed.filter.to_string(), subscription));
+            }
+        }
+        self.send(
+            conn,
+            Packet::SubAck(SubAck {
+                packet_id: sub.packet_id,
+                codes,
+                properties: Properties::default(),
+            }),
+        );
+        let mut found = Vec::new();
+        for (filter, subscription) in retained_for {
+            found.clear();
+            self.retained.matching(&filter, now, &mut found);
+            for msg in found.drain(..) {
+                let delivery = Delivery {
+                    qos: msg.qos.min(subscription.options.qos),
+                    retain: true,
+                    sub_ids: subscription.id.into_iter().collect(),
+                    msg,
+                };
+                self.deliver(sid, delivery, now);
+            }
+        }
+    }
+
+    fn handle_unsubscribe(&mut self, conn: ConnId, unsub: Unsubscribe) {
+        let sid = self.conns[&conn].session;
+        let mut codes = Vec::with_capacity(unsub.filters.len());
+        for raw in unsub.filters {
+            let code = match topic::parse_filter(&raw) {
+                Err(_) => ReasonCode::TOPIC_FILTER_INVALID,
+                Ok(parsed) => {
+                    let removed = self
+                        .subscriptions
+                        .remove(parsed.filter, parsed.share_group, sid);
+                    if let Some(s) = self.sessions.get_mut(sid) {
+                        s.subscriptions.remove(raw.as_str());
+                    }
+                    if removed {
+                        ReasonCode::SUCCESS
+                    } else {
+                        ReasonCode::NO_SUBSCRIPTION_EXISTED
+                    }
+                }
+            };
+            codes.push(code);
+        }
+        self.send(
+            conn,
+            Packet::UnsubAck(UnsubAck {
+                packet_id: unsub.packet_id,
+                codes,
+                properties: Properties::default(),
+            }),
+        );
+    }
+
+    fn handle_disconnect(&mut self, conn: ConnId, d: Disconnect, now: Instant) {
+        let state = self.conns.get_mut(&conn).expect("connected");
+        if let Some(expiry) = d.properties.session_expiry_interval {
+            if state.zero_expiry_at_connect && expiry != 0 {
+                return self.protocol_error(
+                    conn,
+                    ReasonCode::PROTOCOL_ERROR,
+                    "session expiry raised from 0 at DISCONNECT",
+                    now,
+                );
+            }
+            let capped = expiry.min(self.limits.max_session_expiry);
+            if let Some(s) = self.sessions.get_mut(state.session) {
+                s.expiry_interval = capped;
+            }
+        }
+        let publish_will = d.code == ReasonCode::DISCONNECT_WITH_WILL;
+        self.out.push(Output::Close {
+            conn,
+            disconnect: None,
+        });
+        self.detach(conn, publish_will, now);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Connection end, session end, timers
+
+    /// The network connection closed (or was closed by the runtime: keep-alive timeout, I/O
+    /// error, malformed packet) without a DISCONNECT the core has seen: the will is published.
+    pub fn connection_lost(&mut self, conn: ConnId, now: Instant) {
+        self.detach(conn, true, now);
+    }
+
+    /// Forgets `conn`; the session stays (until it expires) or ends now.
+    fn detach(&mut self, conn: ConnId, publish_will: bool, now: Instant) {
+        let Some(state) = self.conns.remove(&conn) else {
+            return;
+        };
+        let sid = state.session;
+        let Some(session) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        if session.conn != Some(conn) {
+            return;
+        }
+        session.conn = None;
+        let expiry = session.expiry_interval;
+        let mut will_now = None;
+        if let (true, Some((msg, delay))) = (publish_will, state.will) {
+            if delay == 0 || expiry == 0 {
+                will_now = Some(msg);
+            } else {
+                let at = now + Duration::from_secs(u64::from(delay.min(expiry)));
+                session.pending_will = Some(PendingWill { msg, at });
+                self.timers.push(Reverse((at, Timer::WillDelay(sid))));
+            }
+        }
+        if expiry == 0 {
+            self.end_session(sid, now);
+        } else if expiry != u32::MAX {
+            let at = now + Duration::from_secs(u64::from(expiry));
+            session.expires_at = Some(at);
+            self.timers.push(Reverse((at, Timer::SessionExpiry(sid))));
+        }
+        if let Some(msg) = will_now {
+            self.publish_will(msg, now);
+        }
+    }
+
+    fn publish_will(&mut self, msg: SharedMessage, now: Instant) {
+        if msg.retain {
+            if msg.payload.is_empty() {
+                self.retained.remove(&msg.topic);
+            } else {
+                self.retained.insert(msg.clone());
+            }
+        }
+        self.route(msg, now);
+    }
+
+    /// Removes a session and its subscriptions; a pending will is published first.
+    fn end_session(&mut self, sid: SessionId, now: Instant) {
+        let Some(session) = self.sessions.remove(sid) else {
+            return;
+        };
+        for raw in session.subscriptions.keys() {
+            if let Ok(parsed) = topic::parse_filter(raw) {
+                self.subscriptions
+                    .remove(parsed.filter, parsed.share_group, sid);
+            }
+        }
+        if let Some(will) = session.pending_will {
+            self.publish_will(will.msg, now);
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::SessionExpiry(sid) => {
+                    let due = self.sessions.get(sid).is_some_and(|s| {
+                        s.conn.is_none() && s.expires_at.is_some_and(|e| e <= now)
+                    });
+                    if due {
+                        self.end_session(sid, now);
+                    }
+                }
+                Timer::WillDelay(sid) => {
+                    let will = self.sessions.get_mut(sid).and_then(|s| {
+                        if s.pending_will.as_ref().is_some_and(|w| w.at <= now) {
+                            s.pending_will.take()
+                        } else {
+                            None
+                        }
+                    });
+                    if let Some(w) = will {
+                        self.publish_will(w.msg, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes every connection with v5 DISCONNECT 0x8B (server shutting down). Wills are not
+    /// published: the clients did nothing wrong.
+    pub fn shutdown(&mut self, now: Instant) {
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            let v5 = self.conns[&conn].protocol.is_v5();
+            self.out.push(Output::Close {
+                conn,
+                disconnect: v5.then(|| v5_disconnect(ReasonCode::SERVER_SHUTTING_DOWN, None)),
+            });
+            self.detach(conn, false, now);
+        }
+    }
+}
+
+/// The PUBLISH for one delivery (packet id filled in by the caller for QoS 1/2).
+fn build_publish(d: &Delivery, protocol: Protocol, now: Instant) -> Publish {
+    let properties = if protocol.is_v5() {
+        let mut p = d.msg.properties.clone();
+        p.message_expiry_interval = d.msg.remaining_expiry(now);
+        p.subscription_identifiers = d.sub_ids.clone();
+        p
+    } else {
+        Properties::default()
+    };
+    Publish {
+        dup: false,
+        qos: d.qos,
+        retain: d.retain,
+        topic: d.msg.topic.clone(),
+        packet_id: 0,
+        payload: d.msg.payload.clone(),
+        properties,
+    }
+}

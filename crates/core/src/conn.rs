@@ -1,0 +1,219 @@
+//! The per-connection state machine, kept next to the socket by the runtime: it enforces what
+//! belongs to one network connection rather than to the session — the CONNECT handshake and its
+//! timeout, keep-alive (1.5 × the interval), topic aliases in both directions and the inbound
+//! receive maximum — and answers PINGREQ itself.
+
+use ferry_codec::{ByteStr, Connect, Packet, Protocol, QoS, ReasonCode};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// Why the connection must close; `code` is sent in a v5 DISCONNECT (or CONNACK before the
+/// handshake completed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub code: ReasonCode,
+    pub reason: &'static str,
+}
+
+fn violation(code: ReasonCode, reason: &'static str) -> Violation {
+    Violation { code, reason }
+}
+
+/// What to do with a packet the client sent.
+#[derive(Debug, PartialEq)]
+pub enum Inbound {
+    /// The first packet: authenticate it and hand it to [`crate::Broker::connect`].
+    Connect(Box<Connect>),
+    /// Hand to [`crate::Broker::handle`].
+    Forward(Packet),
+    /// Write this answer straight back (PINGRESP).
+    Reply(Packet),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for CONNECT.
+    Handshake,
+    /// CONNECT received, waiting for the broker's verdict.
+    Connecting,
+    Connected,
+}
+
+#[derive(Debug)]
+pub struct Connection {
+    phase: Phase,
+    protocol: Protocol,
+    handshake_deadline: Instant,
+    keep_alive: Option<Duration>,
+    last_received: Instant,
+    max_packet_size: u32,
+    receive_maximum: u16,
+    /// QoS 1/2 packet ids received and not yet acknowledged (PUBACK / PUBCOMP sent).
+    unacked_inbound: HashSet<u16>,
+    alias_in_max: u16,
+    alias_in: HashMap<u16, ByteStr>,
+    alias_out_max: u16,
+    alias_out: HashMap<ByteStr, u16>,
+}
+
+impl Connection {
+    /// A fresh connection: it must send CONNECT within `handshake_timeout`.
+    pub fn new(
+        now: Instant,
+        handshake_timeout: Duration,
+        max_packet_size: u32,
+        receive_maximum: u16,
+        topic_alias_maximum: u16,
+    ) -> Self {
+        Connection {
+            phase: Phase::Handshake,
+            protocol: Protocol::V3_1_1,
+            handshake_deadline: now + handshake_timeout,
+            keep_alive: None,
+            last_received: now,
+            max_packet_size,
+            receive_maximum,
+            unacked_inbound: HashSet::new(),
+            alias_in_max: topic_alias_maximum,
+            alias_in: HashMap::new(),
+            alias_out_max: 0,
+            alias_out: HashMap::new(),
+        }
+    }
+
+    /// The protocol for decoding (3.1.1 until CONNECT says otherwise).
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    pub fn max_packet_size(&self) -> u32 {
+        self.max_packet_size
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.phase == Phase::Connected
+    }
+
+    /// Classifies and checks one packet from the client.
+    pub fn on_packet(&mut self, packet: Packet, now: Instant) -> Result<Inbound, Violation> {
+        self.last_received = now;
+        match self.phase {
+            Phase::Handshake => {
+                let Packet::Connect(connect) = packet else {
+                    return Err(violation(
+                        ReasonCode::PROTOCOL_ERROR,
+                        "the first packet must be CONNECT",
+                    ));
+                };
+                self.protocol = connect.protocol;
+                self.alias_out_max = connect.properties.topic_alias_maximum.unwrap_or(0);
+                self.phase = Phase::Connecting;
+                Ok(Inbound::Connect(connect))
+            }
+            Phase::Connecting | Phase::Connected => self.on_session_packet(packet),
+        }
+    }
+
+    fn on_session_packet(&mut self, packet: Packet) -> Result<Inbound, Violation> {
+        match packet {
+            Packet::Publish(mut p) => {
+                if let Some(alias) = p.properties.topic_alias.take() {
+                    if alias == 0 || alias > self.alias_in_max {
+                        return Err(violation(
+                            ReasonCode::TOPIC_ALIAS_INVALID,
+                            "topic alias out of range",
+                        ));
+                    }
+                    if p.topic.is_empty() {
+                        match self.alias_in.get(&alias) {
+                            Some(topic) => p.topic = topic.clone(),
+                            None => {
+                                return Err(violation(
+                                    ReasonCode::PROTOCOL_ERROR,
+                                    "unknown topic alias",
+                                ))
+                            }
+                        }
+                    } else {
+                        self.alias_in.insert(alias, p.topic.clone());
+                    }
+                }
+                if p.qos != QoS::AtMostOnce {
+                    self.unacked_inbound.insert(p.packet_id);
+                    if self.unacked_inbound.len() > usize::from(self.receive_maximum) {
+                        return Err(violation(
+                            ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+                            "receive maximum exceeded",
+                        ));
+                    }
+                }
+                Ok(Inbound::Forward(Packet::Publish(p)))
+            }
+            Packet::PingReq => Ok(Inbound::Reply(Packet::PingResp)),
+            Packet::Connect(_) => Err(violation(ReasonCode::PROTOCOL_ERROR, "second CONNECT")),
+            Packet::Auth(_) => Err(violation(
+                ReasonCode::PROTOCOL_ERROR,
+                "enhanced authentication is not supported",
+            )),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                Err(violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "packet type only a server may send",
+                ))
+            }
+            other => Ok(Inbound::Forward(other)),
+        }
+    }
+
+    /// The broker accepted the CONNECT; `keep_alive` is the interval to enforce, in seconds.
+    pub fn accepted(&mut self, keep_alive: u16) {
+        self.phase = Phase::Connected;
+        self.keep_alive = (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive)));
+    }
+
+    /// Prepares a packet for the wire: assigns or applies an outbound topic alias to PUBLISH and
+    /// releases the inbound receive-maximum slot when the acknowledgement goes out.
+    pub fn on_outbound(&mut self, packet: &mut Packet) {
+        match packet {
+            Packet::Publish(p) if self.alias_out_max > 0 => {
+                if let Some(&alias) = self.alias_out.get(&p.topic) {
+                    p.properties.topic_alias = Some(alias);
+                    p.topic = ByteStr::new();
+                } else if self.alias_out.len() < usize::from(self.alias_out_max) {
+                    let alias = self.alias_out.len() as u16 + 1;
+                    self.alias_out.insert(p.topic.clone(), alias);
+                    p.properties.topic_alias = Some(alias);
+                }
+            }
+            Packet::PubAck(a) | Packet::PubComp(a) => {
+                self.unacked_inbound.remove(&a.packet_id);
+            }
+            Packet::PubRec(a) if a.code.is_error() => {
+                self.unacked_inbound.remove(&a.packet_id);
+            }
+            _ => {}
+        }
+    }
+
+    /// When [`Connection::handle_timeout`] must next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Handshake => Some(self.handshake_deadline),
+            Phase::Connecting => None,
+            Phase::Connected => self.keep_alive.map(|ka| self.last_received + ka + ka / 2),
+        }
+    }
+
+    /// Fails once the handshake or keep-alive deadline has passed.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Violation> {
+        match self.poll_timeout() {
+            Some(deadline) if now >= deadline => Err(match self.phase {
+                Phase::Handshake => {
+                    violation(ReasonCode::MAXIMUM_CONNECT_TIME, "no CONNECT in time")
+                }
+                _ => violation(ReasonCode::KEEP_ALIVE_TIMEOUT, "keep alive timeout"),
+            }),
+            _ => Ok(()),
+        }
+    }
+}

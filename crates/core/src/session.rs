@@ -1,0 +1,150 @@
+//! Session state that outlives a network connection (MQTT 5 §4.1): subscriptions, messages in
+//! flight to the client and queued for it, QoS 2 messages received and not yet released, the
+//! packet identifier counter, and the expiry.
+
+use crate::message::SharedMessage;
+use crate::trie::{SessionId, Subscription};
+use ferry_codec::{ByteStr, QoS};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+/// A message on its way to one session, with the per-subscriber QoS, retain flag and
+/// subscription identifiers.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub msg: SharedMessage,
+    pub qos: QoS,
+    pub retain: bool,
+    pub sub_ids: Vec<u32>,
+}
+
+/// Where an outgoing QoS 1/2 message stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutState {
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published,
+    /// PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+#[derive(Clone, Debug)]
+pub struct Inflight {
+    pub packet_id: u16,
+    pub delivery: Delivery,
+    pub state: OutState,
+}
+
+/// The will a disconnected session will publish when `at` arrives (MQTT 5 will delay).
+#[derive(Clone, Debug)]
+pub struct PendingWill {
+    pub msg: SharedMessage,
+    pub at: Instant,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub id: SessionId,
+    pub client_id: ByteStr,
+    /// The live connection, if any.
+    pub conn: Option<u64>,
+    /// Raw filter as subscribed (`$share/…` included) → options.
+    pub subscriptions: HashMap<ByteStr, Subscription>,
+    /// Sent and unacknowledged, in send order.
+    pub inflight: VecDeque<Inflight>,
+    /// Waiting for room in the inflight window (or for the client to come back).
+    pub pending: VecDeque<Delivery>,
+    /// QoS 2 packet ids received (PUBREC sent) and not yet released by PUBREL.
+    pub incoming_qos2: HashSet<u16>,
+    next_packet_id: u16,
+    /// Seconds the session outlives its connection; `u32::MAX` = never expires.
+    pub expiry_interval: u32,
+    /// Set while disconnected.
+    pub expires_at: Option<Instant>,
+    pub pending_will: Option<PendingWill>,
+    /// Messages dropped because the queue was full.
+    pub dropped: u64,
+}
+
+impl Session {
+    pub fn new(id: SessionId, client_id: ByteStr) -> Self {
+        Session {
+            id,
+            client_id,
+            conn: None,
+            subscriptions: HashMap::new(),
+            inflight: VecDeque::new(),
+            pending: VecDeque::new(),
+            incoming_qos2: HashSet::new(),
+            next_packet_id: 1,
+            expiry_interval: 0,
+            expires_at: None,
+            pending_will: None,
+            dropped: 0,
+        }
+    }
+
+    /// Allocates a packet identifier not used by any message in flight. The caller keeps the
+    /// inflight window below 65,535, so one is always free.
+    pub fn next_packet_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.inflight.iter().any(|i| i.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Index of the inflight entry with `packet_id`; acks mostly arrive in order, so the search
+    /// usually stops at the front.
+    pub fn find_inflight(&self, packet_id: u16) -> Option<usize> {
+        self.inflight.iter().position(|i| i.packet_id == packet_id)
+    }
+}
+
+/// Where sessions are kept. The broker core calls it from one task; the in-memory
+/// implementation is [`MemorySessions`]; a persistent one writes through to the store.
+pub trait SessionRegistry: Send {
+    fn get(&self, id: SessionId) -> Option<&Session>;
+    fn get_mut(&mut self, id: SessionId) -> Option<&mut Session>;
+    fn find(&self, client_id: &str) -> Option<SessionId>;
+    fn insert(&mut self, session: Session);
+    fn remove(&mut self, id: SessionId) -> Option<Session>;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Sessions in memory, indexed by id and by client id.
+#[derive(Default, Debug)]
+pub struct MemorySessions {
+    by_id: HashMap<SessionId, Session>,
+    by_client: HashMap<ByteStr, SessionId>,
+}
+
+impl SessionRegistry for MemorySessions {
+    fn get(&self, id: SessionId) -> Option<&Session> {
+        self.by_id.get(&id)
+    }
+    fn get_mut(&mut self, id: SessionId) -> Option<&mut Session> {
+        self.by_id.get_mut(&id)
+    }
+    fn find(&self, client_id: &str) -> Option<SessionId> {
+        self.by_client.get(client_id).copied()
+    }
+    fn insert(&mut self, session: Session) {
+        self.by_client.insert(session.client_id.clone(), session.id);
+        self.by_id.insert(session.id, session);
+    }
+    fn remove(&mut self, id: SessionId) -> Option<Session> {
+        let s = self.by_id.remove(&id)?;
+        if self.by_client.get(&s.client_id) == Some(&id) {
+            self.by_client.remove(&s.client_id);
+        }
+        Some(s)
+    }
+    fn len(&self) -> usize {
+        self.by_id.len()
+    }
+}

@@ -1,0 +1,283 @@
+//! The TOML configuration file and its mapping onto the runtime's [`ferry_broker::Config`].
+
+use anyhow::{bail, Context, Result};
+use ferry_broker::{Authenticator, User};
+use ferry_codec::QoS;
+use ferry_core::{Acl, AclAction, AclRule};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub mqtt: Mqtt,
+    #[serde(default)]
+    pub auth: Auth,
+    #[serde(default)]
+    pub acl: AclFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mqtt {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub handshake_timeout_secs: u64,
+    pub max_packet_size: u32,
+    pub max_keep_alive: u16,
+    pub receive_maximum: u16,
+    pub max_inflight: u16,
+    pub max_queued_messages: usize,
+    pub topic_alias_maximum: u16,
+    pub max_session_expiry_secs: u32,
+    pub retain_available: bool,
+    pub max_qos: u8,
+    pub max_client_id_len: usize,
+    pub outbox_qos0_limit: usize,
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        let c = ferry_broker::Config::default();
+        Mqtt {
+            listen: c.listen,
+            max_connections: c.max_connections,
+            handshake_timeout_secs: c.handshake_timeout.as_secs(),
+            max_packet_size: c.limits.max_packet_size,
+            max_keep_alive: c.limits.max_keep_alive,
+            receive_maximum: c.limits.receive_maximum,
+            max_inflight: c.limits.max_inflight,
+            max_queued_messages: c.limits.max_queued_messages,
+            topic_alias_maximum: c.limits.topic_alias_maximum,
+            max_session_expiry_secs: c.limits.max_session_expiry,
+            retain_available: c.limits.retain_available,
+            max_qos: c.limits.max_qos as u8,
+            max_client_id_len: c.limits.max_client_id_len,
+            outbox_qos0_limit: c.outbox_qos0_limit,
+            shutdown_grace_secs: c.shutdown_grace.as_secs(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    pub allow_anonymous: bool,
+    pub users: Vec<UserFile>,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            allow_anonymous: true,
+            users: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserFile {
+    pub name: String,
+    pub password: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclFile {
+    /// `allow` or `deny`: the answer when no rule applies.
+    pub default: String,
+    pub rules: Vec<AclRuleFile>,
+}
+
+impl Default for AclFile {
+    fn default() -> Self {
+        AclFile {
+            default: "allow".into(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRuleFile {
+    /// `allow` or `deny`.
+    pub permission: String,
+    /// `publish`, `subscribe` or `all`.
+    pub action: String,
+    pub filter: String,
+    pub user: Option<String>,
+}
+
+fn permission(value: &str, field: &str) -> Result<bool> {
+    match value {
+        "allow" => Ok(true),
+        "deny" => Ok(false),
+        other => bail!("{field}: expected \"allow\" or \"deny\", got {other:?}"),
+    }
+}
+
+impl File {
+    pub fn load(path: &Path) -> Result<File> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// Checks the values and builds the runtime configuration.
+    pub fn to_runtime(&self) -> Result<ferry_broker::Config> {
+        let m = &self.mqtt;
+        let max_qos = match m.max_qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            2 => QoS::ExactlyOnce,
+            q => bail!("mqtt.max_qos: must be 0, 1 or 2, got {q}"),
+        };
+        if m.max_packet_size < 64 || m.max_packet_size > ferry_codec::MAX_VARINT + 5 {
+            bail!(
+                "mqtt.max_packet_size: must be between 64 and 268435460 bytes, got {}",
+                m.max_packet_size
+            );
+        }
+        if m.receive_maximum == 0 {
+            bail!("mqtt.receive_maximum: must be at least 1");
+        }
+        if m.max_inflight == 0 || m.max_inflight == u16::MAX {
+            bail!("mqtt.max_inflight: must be between 1 and 65534");
+        }
+        if m.max_connections == 0 {
+            bail!("mqtt.max_connections: must be at least 1");
+        }
+        if m.handshake_timeout_secs == 0 {
+            bail!("mqtt.handshake_timeout_secs: must be at least 1");
+        }
+        let mut rules = Vec::with_capacity(self.acl.rules.len());
+        for (i, r) in self.acl.rules.iter().enumerate() {
+            let field = format!("acl.rules[{i}]");
+            let action = match r.action.as_str() {
+                "publish" => AclAction::Publish,
+                "subscribe" => AclAction::Subscribe,
+                "all" => AclAction::All,
+                other => bail!(
+                    "{field}.action: expected \"publish\", \"subscribe\" or \"all\", got {other:?}"
+                ),
+            };
+            ferry_core::topic::validate_filter(&r.filter).map_err(|e| {
+                anyhow::anyhow!(
+                    "{field}.filter: {:?} is not a valid topic filter: {e}",
+                    r.filter
+                )
+            })?;
+            rules.push(AclRule {
+                allow: permission(&r.permission, &format!("{field}.permission"))?,
+                action,
+                filter: r.filter.clone(),
+                user: r.user.clone(),
+            });
+        }
+        let acl = Acl {
+            rules,
+            default_allow: permission(&self.acl.default, "acl.default")?,
+        };
+        let defaults = ferry_broker::Config::default();
+        Ok(ferry_broker::Config {
+            listen: m.listen,
+            limits: ferry_core::Limits {
+                max_packet_size: m.max_packet_size,
+                max_keep_alive: m.max_keep_alive,
+                receive_maximum: m.receive_maximum,
+                max_inflight: m.max_inflight,
+                max_queued_messages: m.max_queued_messages,
+                topic_alias_maximum: m.topic_alias_maximum,
+                max_session_expiry: m.max_session_expiry_secs,
+                retain_available: m.retain_available,
+                max_qos,
+                max_client_id_len: m.max_client_id_len,
+            },
+            acl,
+            auth: Authenticator {
+                allow_anonymous: self.auth.allow_anonymous,
+                users: self
+                    .auth
+                    .users
+                    .iter()
+                    .map(|u| User {
+                        name: u.name.clone(),
+                        password: u.password.clone(),
+                    })
+                    .collect(),
+            },
+            handshake_timeout: Duration::from_secs(m.handshake_timeout_secs),
+            max_connections: m.max_connections,
+            outbox_qos0_limit: m.outbox_qos0_limit,
+            router_queue: defaults.router_queue,
+            shutdown_grace: Duration::from_secs(m.shutdown_grace_secs),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_build() {
+        let c = File::default().to_runtime().unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:1883");
+        assert_eq!(c.limits.max_packet_size, 1024 * 1024);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn acl_and_limits_parse() {
+        let f: File = toml::from_str(
+            r#"
+            [mqtt]
+            listen = "127.0.0.1:0"
+            max_keep_alive = 60
+            [[acl.rules]]
+            permission = "deny"
+            action = "subscribe"
+            filter = "test/nosubscribe"
+            "#,
+        )
+        .unwrap();
+        let c = f.to_runtime().unwrap();
+        assert_eq!(c.limits.max_keep_alive, 60);
+        assert!(!c
+            .acl
+            .check(None, ferry_core::Action::Subscribe, "test/nosubscribe"));
+        assert!(c
+            .acl
+            .check(None, ferry_core::Action::Publish, "test/nosubscribe"));
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let f: File = toml::from_str("[mqtt]\nmax_qos = 3\n").unwrap();
+        let e = f.to_runtime().unwrap_err().to_string();
+        assert!(e.contains("mqtt.max_qos"), "{e}");
+        let f: File = toml::from_str(
+            "[[acl.rules]]\npermission = \"maybe\"\naction = \"all\"\nfilter = \"a\"\n",
+        )
+        .unwrap();
+        let e = f.to_runtime().unwrap_err().to_string();
+        assert!(e.contains("acl.rules[0].permission"), "{e}");
+        let f: File = toml::from_str(
+            "[[acl.rules]]\npermission = \"deny\"\naction = \"all\"\nfilter = \"a/#/b\"\n",
+        )
+        .unwrap();
+        assert!(f
+            .to_runtime()
+            .unwrap_err()
+            .to_string()
+            .contains("acl.rules[0].filter"));
+        assert!(toml::from_str::<File>("[mqtt]\nlisten_port = 1\n").is_err());
+    }
+}
