@@ -22,11 +22,18 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, trace};
 
-/// Stop reading from a client while this much output is waiting for it.
+/// Stop reading from a client, and stop taking packets from its outbox, while this much output
+/// is waiting for it. The outbox then fills and drops QoS 0 traffic for this client only.
 pub const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// How long a closing connection may take to flush its last bytes.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closing connection keeps reading (and discarding) what the client still sends,
+/// so that unread input does not make the kernel reset the connection before the client has
+/// read our last packets (e.g. the DISCONNECT that says why).
+const LINGER: Duration = Duration::from_secs(2);
 const READ_CHUNK: usize = 4096;
+/// Packets taken from the outbox per lock.
+const OUTBOX_BATCH: usize = 64;
 
 /// How a connection ended.
 #[derive(Debug)]
@@ -48,6 +55,8 @@ struct Driver<W> {
     outbox: Arc<Outbox>,
     wr: W,
     wbuf: BytesMut,
+    /// Reused between outbox drains.
+    batch: Vec<Packet>,
     registered: bool,
     peer: SocketAddr,
 }
@@ -77,6 +86,7 @@ pub(crate) async fn run<S>(
         shared,
         wr,
         wbuf: BytesMut::new(),
+        batch: Vec::new(),
         registered: false,
         peer,
     };
@@ -101,6 +111,10 @@ pub(crate) async fn run<S>(
                 if res.is_err() {
                     break End::Io;
                 }
+                // Room again: take what the outbox kept while the write buffer was full.
+                if d.wbuf.len() < WRITE_HIGH_WATER && d.drain_outbox() {
+                    break End::ByRouter;
+                }
             }
             _ = d.outbox.ready() => {
                 if d.drain_outbox() {
@@ -122,7 +136,7 @@ pub(crate) async fn run<S>(
             rbuf = BytesMut::new();
         }
     };
-    d.finish(end).await;
+    d.finish(end, rd).await;
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -207,23 +221,32 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
         }
     }
 
-    /// Moves the outbox into the write buffer; true when the router closed the connection.
+    /// Moves packets from the outbox into the write buffer while it is below the high-water
+    /// mark; true when the router closed the connection (a close is honoured even when the
+    /// buffer is full: the connection is going away and whatever is queued is dropped).
     fn drain_outbox(&mut self) -> bool {
-        let batch = self.outbox.take();
-        for packet in batch.packets {
-            self.write(packet);
-        }
-        match batch.close {
-            Some(disconnect) => {
-                if let Some(d) = disconnect {
-                    if self.conn.protocol().is_v5() {
-                        self.write(Packet::Disconnect(d));
-                    }
-                }
-                true
+        let mut batch = std::mem::take(&mut self.batch);
+        let closed = loop {
+            if self.wbuf.len() >= WRITE_HIGH_WATER {
+                break self.outbox.is_closing();
             }
-            None => false,
-        }
+            let close = self.outbox.take(&mut batch, OUTBOX_BATCH);
+            let taken = batch.len();
+            for packet in batch.drain(..) {
+                self.write(packet);
+            }
+            if let Some(disconnect) = close {
+                if let (Some(d), true) = (disconnect, self.conn.protocol().is_v5()) {
+                    self.write(Packet::Disconnect(d));
+                }
+                break true;
+            }
+            if taken < OUTBOX_BATCH {
+                break false;
+            }
+        };
+        self.batch = batch;
+        closed
     }
 
     fn violation(&mut self, v: Violation) {
@@ -270,20 +293,34 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
         }
     }
 
-    /// Flushes what is left, tells the router if it still knows us, and closes.
-    async fn finish(mut self, end: End) {
+    /// Tells the router if it still knows us, flushes what is left, and closes gracefully.
+    async fn finish<R: AsyncRead + Unpin>(mut self, end: End, mut rd: R) {
         debug!(?end, peer = %self.peer, "connection closing");
-        if !matches!(end, End::Io) && !self.wbuf.is_empty() {
-            let _ =
-                tokio::time::timeout(FLUSH_TIMEOUT, self.wr.write_all_buf(&mut self.wbuf)).await;
-        }
-        let _ = tokio::time::timeout(FLUSH_TIMEOUT, self.wr.shutdown()).await;
         if self.registered && !matches!(end, End::ByRouter) {
             let _ = self
                 .shared
                 .router
                 .send(RouterMsg::Lost { conn: self.id })
                 .await;
+        }
+        if !matches!(end, End::Io) {
+            let wr = &mut self.wr;
+            let wbuf = &mut self.wbuf;
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
+                wr.write_all_buf(wbuf).await?;
+                wr.shutdown().await
+            })
+            .await;
+            // Discard what the client still sends until it closes too (or LINGER passes).
+            let mut sink = [0u8; 1024];
+            let _ = tokio::time::timeout(LINGER, async {
+                while let Ok(n) = rd.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
         }
         self.shared
             .metrics

@@ -26,12 +26,6 @@ pub struct Outbox {
     dropped_qos0: AtomicU64,
 }
 
-/// What the writer takes out in one go.
-pub struct Batch {
-    pub packets: VecDeque<Packet>,
-    pub close: Option<Option<Disconnect>>,
-}
-
 impl Outbox {
     pub fn new(qos0_limit: usize) -> Self {
         Outbox {
@@ -68,13 +62,22 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Takes everything queued.
-    pub fn take(&self) -> Batch {
+    /// Moves up to `max` queued packets into `out`. Once the queue is empty and the router has
+    /// closed the connection, returns the close (with the DISCONNECT to send, if any).
+    pub fn take(&self, out: &mut Vec<Packet>, max: usize) -> Option<Option<Disconnect>> {
         let mut state = self.state.lock().expect("outbox lock");
-        Batch {
-            packets: std::mem::take(&mut state.packets),
-            close: state.close.clone(),
+        let n = state.packets.len().min(max);
+        out.extend(state.packets.drain(..n));
+        if state.packets.is_empty() {
+            state.close.clone()
+        } else {
+            None
         }
+    }
+
+    /// Whether the router has closed the connection.
+    pub fn is_closing(&self) -> bool {
+        self.state.lock().expect("outbox lock").close.is_some()
     }
 
     pub async fn ready(&self) {

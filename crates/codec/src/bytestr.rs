@@ -6,7 +6,7 @@ use std::ops::Deref;
 
 /// An immutable UTF-8 string backed by [`Bytes`]: cloning it bumps a reference count, and
 /// decoding one out of a frame copies nothing.
-#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteStr(Bytes);
 
 impl ByteStr {
@@ -48,6 +48,13 @@ impl ByteStr {
         assert!(self.as_str().is_char_boundary(range.start));
         assert!(self.as_str().is_char_boundary(range.end));
         ByteStr(self.0.slice(range))
+    }
+}
+
+// Hash as `str` does, so that `Borrow<str>` lookups in hash maps find what was inserted.
+impl std::hash::Hash for ByteStr {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
     }
 }
 

@@ -12,7 +12,7 @@ use crate::acl::{Acl, Action};
 use crate::message::{Message, SharedMessage};
 use crate::retained::{MemoryRetained, RetainedStore};
 use crate::session::{
-    Delivery, Inflight, MemorySessions, OutState, PendingWill, Session, SessionRegistry,
+    Delivery, Inflight, MemorySessions, OutState, PendingWill, Session, SessionRegistry, Will,
 };
 use crate::topic;
 use crate::trie::{Match, SessionId, Subscription, SubscriptionTree};
@@ -106,7 +106,7 @@ struct ConnState {
     session: SessionId,
     protocol: Protocol,
     user: Option<ByteStr>,
-    will: Option<(SharedMessage, u32)>,
+    will: Option<Will>,
     /// The client's maximum packet size.
     max_packet_size: u32,
     /// The outbound inflight window for this connection.
@@ -255,6 +255,17 @@ impl Broker {
                 "client id too long",
             );
         }
+        let max_ka = self.limits.max_keep_alive;
+        if !v5 && max_ka > 0 && connect.keep_alive > max_ka {
+            // MQTT 3 has no Server Keep Alive to announce a lower value, so a keep-alive above
+            // the ceiling is refused openly (as Mosquitto does) rather than shortened in secret.
+            // Keep-alive 0 (no keep-alive) stays accepted for MQTT 3 clients.
+            return refuse(
+                self,
+                ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                "keep alive above the server maximum",
+            );
+        }
         let mut assigned = None;
         let client_id = if connect.client_id.is_empty() {
             if !v5 && !connect.clean_start {
@@ -343,6 +354,7 @@ impl Broker {
         let will = connect.will.as_ref().map(|w| {
             let mut props = w.properties.clone();
             let delay = props.will_delay_interval.take().unwrap_or(0);
+            let expiry_interval = props.message_expiry_interval.take();
             let msg = Message::from_publish(
                 Publish {
                     dup: false,
@@ -356,7 +368,11 @@ impl Broker {
                 client_id.clone(),
                 now,
             );
-            (Arc::new(msg), delay)
+            Will {
+                msg,
+                expiry_interval,
+                delay,
+            }
         });
         let client_receive_max = connect.properties.receive_maximum.unwrap_or(u16::MAX);
         let window = usize::from(client_receive_max.min(self.limits.max_inflight).max(1));
@@ -376,8 +392,7 @@ impl Broker {
 
         let mut keep_alive = connect.keep_alive;
         let mut server_keep_alive = None;
-        let max_ka = self.limits.max_keep_alive;
-        if max_ka > 0 && (keep_alive == 0 || keep_alive > max_ka) {
+        if v5 && max_ka > 0 && (keep_alive == 0 || keep_alive > max_ka) {
             keep_alive = max_ka;
             server_keep_alive = Some(max_ka);
         }
@@ -431,17 +446,32 @@ impl Broker {
         let Some(session) = self.sessions.get_mut(sid) else {
             return;
         };
+        let max_packet_size = state.max_packet_size as usize;
         let mut packets = Vec::with_capacity(session.inflight.len());
+        let mut too_large = Vec::new();
         for inflight in &session.inflight {
             packets.push(match inflight.state {
                 OutState::Published => {
                     let mut p = build_publish(&inflight.delivery, protocol, now);
                     p.packet_id = inflight.packet_id;
                     p.dup = true;
-                    Packet::Publish(p)
+                    let packet = Packet::Publish(p);
+                    // The new connection may allow less than the old one: such a message is
+                    // discarded as if delivered (§3.1.2.11.4).
+                    if packet.encoded_len(protocol) > max_packet_size {
+                        too_large.push(inflight.packet_id);
+                        continue;
+                    }
+                    packet
                 }
                 OutState::Released => Packet::PubRel(PubAck::new(inflight.packet_id)),
             });
+        }
+        if !too_large.is_empty() {
+            session
+                .inflight
+                .retain(|i| !too_large.contains(&i.packet_id));
+            self.stats.dropped_too_large += too_large.len() as u64;
         }
         for packet in packets {
             self.send(conn, packet);
@@ -634,14 +664,7 @@ impl Broker {
             .clone();
         let msg = Arc::new(Message::from_publish(publish, client_id, now));
         self.stats.messages_received += 1;
-        if msg.retain {
-            if msg.payload.is_empty() {
-                self.retained.remove(&msg.topic);
-            } else {
-                self.retained.insert(msg.clone());
-            }
-        }
-        self.route(msg, now);
+        self.publish_shared(msg, now);
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send(conn, Packet::PubAck(PubAck::new(packet_id))),
@@ -651,7 +674,11 @@ impl Broker {
 
     /// Publishes a message made by the server (or the runtime) as if a client had sent it.
     pub fn publish(&mut self, msg: Message, now: Instant) {
-        let msg = Arc::new(msg);
+        self.publish_shared(Arc::new(msg), now);
+    }
+
+    /// Updates the retained index for a retained message, then routes it.
+    fn publish_shared(&mut self, msg: SharedMessage, now: Instant) {
         if msg.retain {
             if msg.payload.is_empty() {
                 self.retained.remove(&msg.topic);
@@ -673,19 +700,28 @@ impl Broker {
             self.subscriptions
                 .matches(&msg.topic, &online, &mut matches);
         }
+        // One copy per session for its ordinary subscriptions (§3.3.4), and a separate one for
+        // each shared subscription it was picked for (§4.8.2).
         if matches.len() > 1 {
-            matches.sort_unstable_by_key(|m| m.session);
+            matches.sort_unstable_by_key(|m| (m.session, m.shared));
         }
         let mut i = 0;
         while i < matches.len() {
             let sid = matches[i].session;
+            let shared = matches[i].shared;
             let mut j = i;
             let mut qos = QoS::AtMostOnce;
             let mut retain = false;
             let mut sub_ids = Vec::new();
             let mut any = false;
             let client_id = self.sessions.get(sid).map(|s| s.client_id.clone());
-            while j < matches.len() && matches[j].session == sid {
+            // Ordinary matches merge; each shared match stays alone (two groups picking the
+            // same session give two copies).
+            while j < matches.len()
+                && matches[j].session == sid
+                && matches[j].shared == shared
+                && (!shared || j == i)
+            {
                 let m = &matches[j];
                 j += 1;
                 if m.sub.options.no_local && !m.shared && client_id.as_ref() == Some(&msg.publisher)
@@ -964,12 +1000,12 @@ impl Broker {
         session.conn = None;
         let expiry = session.expiry_interval;
         let mut will_now = None;
-        if let (true, Some((msg, delay))) = (publish_will, state.will) {
-            if delay == 0 || expiry == 0 {
-                will_now = Some(msg);
+        if let (true, Some(will)) = (publish_will, state.will) {
+            if will.delay == 0 || expiry == 0 {
+                will_now = Some(will);
             } else {
-                let at = now + Duration::from_secs(u64::from(delay.min(expiry)));
-                session.pending_will = Some(PendingWill { msg, at });
+                let at = now + Duration::from_secs(u64::from(will.delay.min(expiry)));
+                session.pending_will = Some(PendingWill { will, at });
                 self.timers.push(Reverse((at, Timer::WillDelay(sid))));
             }
         }
@@ -980,20 +1016,10 @@ impl Broker {
             session.expires_at = Some(at);
             self.timers.push(Reverse((at, Timer::SessionExpiry(sid))));
         }
-        if let Some(msg) = will_now {
-            self.publish_will(msg, now);
+        if let Some(will) = will_now {
+            let msg = will.publish(now);
+            self.publish_shared(msg, now);
         }
-    }
-
-    fn publish_will(&mut self, msg: SharedMessage, now: Instant) {
-        if msg.retain {
-            if msg.payload.is_empty() {
-                self.retained.remove(&msg.topic);
-            } else {
-                self.retained.insert(msg.clone());
-            }
-        }
-        self.route(msg, now);
     }
 
     /// Removes a session and its subscriptions; a pending will is published first.
@@ -1007,8 +1033,9 @@ impl Broker {
                     .remove(parsed.filter, parsed.share_group, sid);
             }
         }
-        if let Some(will) = session.pending_will {
-            self.publish_will(will.msg, now);
+        if let Some(pending) = session.pending_will {
+            let msg = pending.will.publish(now);
+            self.publish_shared(msg, now);
         }
     }
 
@@ -1035,8 +1062,9 @@ impl Broker {
                             None
                         }
                     });
-                    if let Some(w) = will {
-                        self.publish_will(w.msg, now);
+                    if let Some(pending) = will {
+                        let msg = pending.will.publish(now);
+                        self.publish_shared(msg, now);
                     }
                 }
             }

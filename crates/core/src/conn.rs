@@ -4,7 +4,7 @@
 //! receive maximum — and answers PINGREQ itself.
 
 use ferry_codec::{ByteStr, Connect, Packet, Protocol, QoS, ReasonCode};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Why the connection must close; `code` is sent in a v5 DISCONNECT (or CONNACK before the
@@ -48,12 +48,15 @@ pub struct Connection {
     last_received: Instant,
     max_packet_size: u32,
     receive_maximum: u16,
-    /// QoS 1/2 packet ids received and not yet acknowledged (PUBACK / PUBCOMP sent).
-    unacked_inbound: HashSet<u16>,
+    /// QoS 1/2 packet ids received and not yet acknowledged (PUBACK / PUBCOMP sent), each with
+    /// whether a successful PUBREC went out for it.
+    unacked_inbound: HashMap<u16, bool>,
     alias_in_max: u16,
     alias_in: HashMap<u16, ByteStr>,
     alias_out_max: u16,
     alias_out: HashMap<ByteStr, u16>,
+    /// The client's maximum packet size: a new outbound alias must not push a packet over it.
+    client_max_packet_size: u32,
 }
 
 impl Connection {
@@ -73,11 +76,12 @@ impl Connection {
             last_received: now,
             max_packet_size,
             receive_maximum,
-            unacked_inbound: HashSet::new(),
+            unacked_inbound: HashMap::new(),
             alias_in_max: topic_alias_maximum,
             alias_in: HashMap::new(),
             alias_out_max: 0,
             alias_out: HashMap::new(),
+            client_max_packet_size: u32::MAX,
         }
     }
 
@@ -107,6 +111,8 @@ impl Connection {
                 };
                 self.protocol = connect.protocol;
                 self.alias_out_max = connect.properties.topic_alias_maximum.unwrap_or(0);
+                self.client_max_packet_size =
+                    connect.properties.maximum_packet_size.unwrap_or(u32::MAX);
                 self.phase = Phase::Connecting;
                 Ok(Inbound::Connect(connect))
             }
@@ -137,10 +143,19 @@ impl Connection {
                     } else {
                         self.alias_in.insert(alias, p.topic.clone());
                     }
+                } else if p.topic.is_empty() && self.protocol.is_v5() {
+                    return Err(violation(
+                        ReasonCode::PROTOCOL_ERROR,
+                        "empty topic without a topic alias",
+                    ));
                 }
                 if p.qos != QoS::AtMostOnce {
-                    self.unacked_inbound.insert(p.packet_id);
-                    if self.unacked_inbound.len() > usize::from(self.receive_maximum) {
+                    self.unacked_inbound.entry(p.packet_id).or_insert(false);
+                    // MQTT 3 clients cannot learn the server's receive maximum, so it is only
+                    // enforced on MQTT 5.
+                    if self.protocol.is_v5()
+                        && self.unacked_inbound.len() > usize::from(self.receive_maximum)
+                    {
                         return Err(violation(
                             ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
                             "receive maximum exceeded",
@@ -181,18 +196,59 @@ impl Connection {
                     p.topic = ByteStr::new();
                 } else if self.alias_out.len() < usize::from(self.alias_out_max) {
                     let alias = self.alias_out.len() as u16 + 1;
-                    self.alias_out.insert(p.topic.clone(), alias);
                     p.properties.topic_alias = Some(alias);
+                    if self.fits(packet) {
+                        let Packet::Publish(p) = packet else {
+                            unreachable!()
+                        };
+                        self.alias_out.insert(p.topic.clone(), alias);
+                    } else if let Packet::Publish(p) = packet {
+                        p.properties.topic_alias = None;
+                    }
                 }
+                return;
             }
             Packet::PubAck(a) | Packet::PubComp(a) => {
                 self.unacked_inbound.remove(&a.packet_id);
             }
-            Packet::PubRec(a) if a.code.is_error() => {
-                self.unacked_inbound.remove(&a.packet_id);
+            Packet::PubRec(a) => {
+                if a.code.is_error() {
+                    // Refused: the exchange ends, unless this refuses a reused id whose first
+                    // message was accepted and still holds its slot.
+                    if self.unacked_inbound.get(&a.packet_id) == Some(&false) {
+                        self.unacked_inbound.remove(&a.packet_id);
+                    }
+                } else if let Some(accepted) = self.unacked_inbound.get_mut(&a.packet_id) {
+                    *accepted = true;
+                }
             }
             _ => {}
         }
+        self.trim_to_fit(packet);
+    }
+
+    fn fits(&self, packet: &Packet) -> bool {
+        self.client_max_packet_size == u32::MAX
+            || packet.encoded_len(self.protocol) <= self.client_max_packet_size as usize
+    }
+
+    /// Drops the reason string and user properties of an acknowledgement or DISCONNECT that
+    /// would exceed the client's maximum packet size (MQTT 5 §3.1.2.11.4).
+    fn trim_to_fit(&self, packet: &mut Packet) {
+        if self.fits(packet) {
+            return;
+        }
+        let properties = match packet {
+            Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
+                &mut a.properties
+            }
+            Packet::SubAck(a) => &mut a.properties,
+            Packet::UnsubAck(a) => &mut a.properties,
+            Packet::Disconnect(d) => &mut d.properties,
+            _ => return,
+        };
+        properties.reason_string = None;
+        properties.user_properties.clear();
     }
 
     /// When [`Connection::handle_timeout`] must next run.

@@ -2,11 +2,12 @@
 //! flight to the client and queued for it, QoS 2 messages received and not yet released, the
 //! packet identifier counter, and the expiry.
 
-use crate::message::SharedMessage;
+use crate::message::{Message, SharedMessage};
 use crate::trie::{SessionId, Subscription};
 use ferry_codec::{ByteStr, QoS};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// A message on its way to one session, with the per-subscriber QoS, retain flag and
 /// subscription identifiers.
@@ -34,10 +35,31 @@ pub struct Inflight {
     pub state: OutState,
 }
 
+/// A will message as received in CONNECT. Its message expiry interval counts from when it is
+/// published, not from the CONNECT.
+#[derive(Clone, Debug)]
+pub struct Will {
+    pub msg: Message,
+    pub expiry_interval: Option<u32>,
+    /// MQTT 5 will delay interval, in seconds.
+    pub delay: u32,
+}
+
+impl Will {
+    /// The message to route, with its expiry starting `now`.
+    pub fn publish(&self, now: Instant) -> SharedMessage {
+        let mut msg = self.msg.clone();
+        msg.expires_at = self
+            .expiry_interval
+            .map(|secs| now + Duration::from_secs(u64::from(secs)));
+        Arc::new(msg)
+    }
+}
+
 /// The will a disconnected session will publish when `at` arrives (MQTT 5 will delay).
 #[derive(Clone, Debug)]
 pub struct PendingWill {
-    pub msg: SharedMessage,
+    pub will: Will,
     pub at: Instant,
 }
 
