@@ -2,7 +2,8 @@
 
 ``INTEROP_BROKER`` selects the broker:
 
-* ``ferry`` (default): ``$FERRY_BIN serve --listen 127.0.0.1:0 --log-level warn``
+* ``ferry`` (default): ``$FERRY_BIN serve --listen 127.0.0.1:0 --api-listen 127.0.0.1:0
+  --data-dir <tmp> --log-level warn``
   (plus ``--config $FERRY_CONFIG`` when set); the address is read from the first
   stdout line matching ``listening on <addr>``.
 * ``mosquitto``: ``/usr/sbin/mosquitto`` (or ``$MOSQUITTO_BIN``) on a free local port.
@@ -112,7 +113,8 @@ def _start_ferry(workdir: Path) -> BrokerProcess:
     if not binary.is_file():
         pytest.fail(f"Ferry binary not found at {binary}; build it (cargo build) or set FERRY_BIN",
                     pytrace=False)
-    cmd = [str(binary), "serve", "--listen", "127.0.0.1:0", "--log-level", "warn"]
+    cmd = [str(binary), "serve", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0",
+           "--data-dir", str(workdir / "ferry-data"), "--log-level", "warn"]
     if os.environ.get("FERRY_CONFIG"):
         cmd += ["--config", os.environ["FERRY_CONFIG"]]
     log_path = workdir / "ferry.stderr.log"

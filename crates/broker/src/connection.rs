@@ -10,16 +10,18 @@ use crate::router::RouterMsg;
 use crate::Shared;
 use bytes::BytesMut;
 use ferry_codec::{
-    decode, ConnAck, DecodeError, Disconnect, Packet, Properties, Protocol, ReasonCode,
+    decode, ByteStr, ConnAck, DecodeError, Disconnect, Packet, Properties, Protocol, PubAck, QoS,
+    ReasonCode,
 };
 use ferry_core::conn::{Inbound, Violation};
-use ferry_core::{ConnId, Connection};
+use ferry_core::{ClientGrant, ConnId, Connection, Permissions};
+use ferry_meta::auth::{HeldToken, TokenType};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, trace};
 
 /// Stop reading from a client, and stop taking packets from its outbox, while this much output
@@ -32,6 +34,10 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// read our last packets (e.g. the DISCONNECT that says why).
 const LINGER: Duration = Duration::from_secs(2);
 const READ_CHUNK: usize = 4096;
+/// How often a Token-mode connection re-checks its tokens (revocation, expiry).
+const TOKEN_CHECK: Duration = Duration::from_secs(1);
+/// The expiry notice goes out this long before a token expires (§2).
+const TOKEN_EXPIRY_NOTICE_MS: u64 = 5 * 60 * 1000;
 /// Packets taken from the outbox per lock.
 const OUTBOX_BATCH: usize = 64;
 
@@ -59,6 +65,14 @@ struct Driver<W> {
     batch: Vec<Packet>,
     registered: bool,
     peer: SocketAddr,
+    /// The instance's router, once CONNECT was accepted.
+    router: Option<mpsc::Sender<RouterMsg>>,
+    instance: String,
+    /// Tokens held by a Token-mode connection, re-checked every second.
+    tokens: Vec<HeldToken>,
+    expiry_noticed: Vec<bool>,
+    /// QoS 2 packet ids of `$SYS/uploadToken` messages answered here, awaiting PUBREL.
+    local_qos2: Vec<u16>,
 }
 
 pub(crate) async fn run<S>(
@@ -89,7 +103,14 @@ pub(crate) async fn run<S>(
         batch: Vec::new(),
         registered: false,
         peer,
+        router: None,
+        instance: String::new(),
+        tokens: Vec::new(),
+        expiry_noticed: Vec::new(),
+        local_qos2: Vec::new(),
     };
+    let mut token_check = tokio::time::interval(TOKEN_CHECK);
+    token_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rbuf = BytesMut::new();
     let end = loop {
         let deadline = d.conn.poll_timeout();
@@ -125,6 +146,11 @@ pub(crate) async fn run<S>(
                 if let Err(v) = d.conn.handle_timeout(Instant::now()) {
                     debug!(reason = v.reason, "closing");
                     d.violation(v);
+                    break End::Violation;
+                }
+            }
+            _ = token_check.tick(), if !d.tokens.is_empty() => {
+                if d.check_tokens() {
                     break End::Violation;
                 }
             }
@@ -168,48 +194,219 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
             };
             match inbound {
                 Inbound::Connect(connect) => {
-                    if let Err(code) = self.shared.config.auth.check(&connect) {
-                        debug!(?code, "authentication failed");
-                        self.write(Packet::ConnAck(ConnAck {
-                            code,
-                            ..Default::default()
-                        }));
-                        return Some(End::Violation);
+                    if let Some(end) = self.on_connect(connect).await {
+                        return Some(end);
                     }
-                    let (reply, accepted) = oneshot::channel();
-                    let msg = RouterMsg::Connect {
-                        conn: self.id,
-                        connect,
-                        outbox: self.outbox.clone(),
-                        reply,
-                    };
-                    if self.shared.router.send(msg).await.is_err() {
-                        return Some(End::Shutdown);
+                }
+                Inbound::Forward(Packet::Publish(p))
+                    if !self.tokens.is_empty() && p.topic.as_str() == "$SYS/uploadToken" =>
+                {
+                    if let Some(end) = self.upload_token(p).await {
+                        return Some(end);
                     }
-                    match accepted.await {
-                        Ok(Some(a)) => {
-                            tracing::Span::current().record("client_id", a.client_id.as_str());
-                            debug!(keep_alive = a.keep_alive, "connected");
-                            self.conn.accepted(a.keep_alive);
-                            self.registered = true;
-                        }
-                        // Refused: the CONNACK and the close are in the outbox.
-                        Ok(None) => {}
-                        Err(_) => return Some(End::Shutdown),
-                    }
+                }
+                Inbound::Forward(Packet::PubRel(rel))
+                    if self.local_qos2.contains(&rel.packet_id) =>
+                {
+                    self.local_qos2.retain(|&id| id != rel.packet_id);
+                    self.write(Packet::PubComp(PubAck::new(rel.packet_id)));
                 }
                 Inbound::Forward(packet) => {
                     let msg = RouterMsg::Packet {
                         conn: self.id,
                         packet,
                     };
-                    if self.shared.router.send(msg).await.is_err() {
+                    let Some(router) = &self.router else {
+                        return Some(End::Shutdown);
+                    };
+                    if router.send(msg).await.is_err() {
                         return Some(End::Shutdown);
                     }
                 }
                 Inbound::Reply(packet) => self.write(packet),
             }
         }
+    }
+
+    /// Authenticates a CONNECT, picks its instance and hands it to that instance's router.
+    async fn on_connect(&mut self, connect: Box<ferry_codec::Connect>) -> Option<End> {
+        let shared = self.shared.clone();
+        let ip = self.peer.ip();
+        let now = Instant::now();
+        let limit = shared.config.max_failed_logins_per_minute;
+        if !shared.failed_logins.allowed(ip, limit, now) {
+            debug!("too many failed logins from this address");
+            return Some(self.refuse(ReasonCode::BANNED));
+        }
+        let meta = &shared.instances.meta;
+        let username = connect.username.as_deref().unwrap_or_default();
+        let password = connect.password.as_deref().unwrap_or_default();
+        let cloud = meta.authenticate(username, password, &connect.client_id, ferry_meta::now_ms());
+        let (instance, permissions, tokens) = match cloud {
+            Some(Ok(a)) => (a.instance, a.permissions, a.tokens),
+            Some(Err(e)) => {
+                debug!(code = ?e.code, reason = %e.reason, "authentication failed");
+                shared.failed_logins.record_failure(ip, now);
+                return Some(self.refuse(e.code));
+            }
+            None => {
+                if let Err(code) = shared.config.auth.check(&connect) {
+                    debug!(?code, "authentication failed");
+                    shared.failed_logins.record_failure(ip, now);
+                    return Some(self.refuse(code));
+                }
+                let instance = shared.config.default_instance.clone();
+                if let Err(e) = meta.check_client_id(&instance, &connect.client_id) {
+                    debug!(reason = %e.reason, "client id refused");
+                    return Some(self.refuse(e.code));
+                }
+                (instance, Permissions::full(), Vec::new())
+            }
+        };
+        shared.failed_logins.record_success(ip);
+        let (router, limits) = match shared.instances.router(&instance) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "instance unavailable");
+                return Some(self.refuse(ReasonCode::NOT_AUTHORIZED));
+            }
+        };
+        self.conn.set_max_packet_size(limits.max_packet_size);
+        let (reply, accepted) = oneshot::channel();
+        let msg = RouterMsg::Connect {
+            conn: self.id,
+            connect,
+            grant: ClientGrant {
+                permissions,
+                peer: Some(self.peer.to_string()),
+            },
+            outbox: self.outbox.clone(),
+            reply,
+        };
+        if router.send(msg).await.is_err() {
+            return Some(End::Shutdown);
+        }
+        match accepted.await {
+            Ok(Some(a)) => {
+                tracing::Span::current().record("client_id", a.client_id.as_str());
+                debug!(keep_alive = a.keep_alive, instance, "connected");
+                self.conn.accepted(a.keep_alive);
+                self.registered = true;
+                self.router = Some(router);
+                self.instance = instance;
+                self.expiry_noticed = vec![false; tokens.len()];
+                self.tokens = tokens;
+                None
+            }
+            // Refused: the CONNACK and the close are in the outbox.
+            Ok(None) => None,
+            Err(_) => Some(End::Shutdown),
+        }
+    }
+
+    /// Answers a refused CONNECT.
+    fn refuse(&mut self, code: ReasonCode) -> End {
+        self.write(Packet::ConnAck(ConnAck {
+            code,
+            ..Default::default()
+        }));
+        End::Violation
+    }
+
+    /// `$SYS/uploadToken` from a Token-mode client: `{"token":"…","type":"R|W|RW"}` replaces
+    /// that token type on this connection; the acknowledgement is sent once the new rights
+    /// apply.
+    async fn upload_token(&mut self, p: ferry_codec::Publish) -> Option<End> {
+        #[derive(serde::Deserialize)]
+        struct Upload {
+            token: String,
+            #[serde(rename = "type")]
+            kind: String,
+        }
+        let parsed: Option<(TokenType, String)> = serde_json::from_slice::<Upload>(&p.payload)
+            .ok()
+            .and_then(|u| Some((TokenType::parse(&u.kind)?, u.token)));
+        let Some((kind, token)) = parsed else {
+            return Some(self.token_invalid(1, "R"));
+        };
+        let meta = self.shared.instances.meta.clone();
+        let held = match meta.upload_token(&self.instance, kind, &token, ferry_meta::now_ms()) {
+            Ok(h) => h,
+            Err(e) => return Some(self.token_invalid(e.token_code.unwrap_or(1), kind.as_str())),
+        };
+        match self.tokens.iter().position(|t| t.kind == kind) {
+            Some(i) => {
+                self.tokens[i] = held;
+                self.expiry_noticed[i] = false;
+            }
+            None => {
+                self.tokens.push(held);
+                self.expiry_noticed.push(false);
+            }
+        }
+        let (done, applied) = oneshot::channel();
+        let msg = RouterMsg::SetPermissions {
+            conn: self.id,
+            permissions: ferry_meta::auth::token_permissions(&self.tokens),
+            done,
+        };
+        let router = self.router.as_ref()?;
+        if router.send(msg).await.is_err() || applied.await.is_err() {
+            return Some(End::Shutdown);
+        }
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.write(Packet::PubAck(PubAck::new(p.packet_id))),
+            QoS::ExactlyOnce => {
+                self.local_qos2.push(p.packet_id);
+                self.write(Packet::PubRec(PubAck::new(p.packet_id)));
+            }
+        }
+        None
+    }
+
+    /// Sends `$SYS/tokenInvalidNotice` and ends the connection.
+    fn token_invalid(&mut self, code: u8, kind: &str) -> End {
+        debug!(code, kind, "token invalid, disconnecting");
+        let body = format!("{{\"code\":{code},\"type\":\"{kind}\"}}");
+        self.system_message("$SYS/tokenInvalidNotice", body);
+        self.violation(Violation {
+            code: ReasonCode::NOT_AUTHORIZED,
+            reason: "token invalid",
+        });
+        End::Violation
+    }
+
+    /// Writes a QoS 0 message from the server on a `$SYS/…` topic.
+    fn system_message(&mut self, topic: &'static str, body: String) {
+        self.write(Packet::Publish(ferry_codec::Publish {
+            topic: ByteStr::from_static(topic),
+            payload: body.into(),
+            ..Default::default()
+        }));
+    }
+
+    /// Re-checks held tokens: sends the expiry notice 5 minutes ahead, and on revocation or
+    /// expiry the invalid notice followed by the disconnect. Returns true to end the connection.
+    fn check_tokens(&mut self) -> bool {
+        let now = ferry_meta::now_ms();
+        let meta = self.shared.instances.meta.clone();
+        for i in 0..self.tokens.len() {
+            let held = self.tokens[i].clone();
+            let kind = held.kind.as_str();
+            if let Err(e) = meta.token_status(&self.instance, &held, now) {
+                self.token_invalid(e.token_code.unwrap_or(1), kind);
+                return true;
+            }
+            if !self.expiry_noticed[i]
+                && held.expire_at.saturating_sub(now) <= TOKEN_EXPIRY_NOTICE_MS
+            {
+                self.expiry_noticed[i] = true;
+                let body = format!("{{\"expireTime\":{},\"type\":\"{kind}\"}}", held.expire_at);
+                self.system_message("$SYS/tokenExpireNotice", body);
+            }
+        }
+        false
     }
 
     /// Encodes `packet` into the write buffer after the connection's outbound processing.
@@ -296,12 +493,10 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
     /// Tells the router if it still knows us, flushes what is left, and closes gracefully.
     async fn finish<R: AsyncRead + Unpin>(mut self, end: End, mut rd: R) {
         debug!(?end, peer = %self.peer, "connection closing");
-        if self.registered && !matches!(end, End::ByRouter) {
-            let _ = self
-                .shared
-                .router
-                .send(RouterMsg::Lost { conn: self.id })
-                .await;
+        if let (true, false, Some(router)) =
+            (self.registered, matches!(end, End::ByRouter), &self.router)
+        {
+            let _ = router.send(RouterMsg::Lost { conn: self.id }).await;
         }
         if !matches!(end, End::Io) {
             let wr = &mut self.wr;

@@ -3,7 +3,11 @@
 //! Where things are:
 //! - [`server`]: [`Server::start`] binds the TCP listener, spawns the router task and one task
 //!   per connection; [`Server::shutdown`] stops accepting, sends DISCONNECT 0x8B and drains.
-//! - `router`: the task that owns the [`ferry_core::Broker`] and dispatches its outputs.
+//! - `instances`: one router task per instance, started on first use.
+//! - `router`: the task that owns an instance's [`ferry_core::Broker`] and dispatches its
+//!   outputs.
+//! - [`control`]: [`Control`], the management APIs' handle (client queries, kick, publish).
+//! - `logins`: failed-login rate limiting per source address.
 //! - `connection`: the per-connection driver (read, decode, [`ferry_core::Connection`], write).
 //! - [`outbox`]: the bounded router → connection queue (QoS 0 overflow is dropped and counted).
 //! - [`auth`]: user name / password authentication of the default listener.
@@ -14,18 +18,25 @@
 
 pub mod auth;
 mod connection;
+pub mod control;
+mod instances;
+mod logins;
 pub mod metrics;
 pub mod outbox;
 mod router;
 pub mod server;
 
 pub use auth::{Authenticator, User};
+pub use control::{ClientView, Control, ControlError, PublishRequest};
+pub use instances::instance_limits;
 pub use metrics::Metrics;
 pub use server::{Config, Server};
 
 /// What every connection task shares.
 pub(crate) struct Shared {
     pub config: Config,
-    pub router: tokio::sync::mpsc::Sender<router::RouterMsg>,
+    pub instances: std::sync::Arc<instances::Instances>,
     pub metrics: std::sync::Arc<Metrics>,
+    pub failed_logins: logins::FailedLogins,
+    pub started: (std::time::Instant, std::time::SystemTime),
 }

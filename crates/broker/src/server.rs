@@ -1,17 +1,19 @@
-//! The TCP listener, the router task, and graceful shutdown.
+//! The TCP listener, the instances' router tasks, and graceful shutdown.
 
 use crate::auth::Authenticator;
+use crate::control::Control;
+use crate::instances::Instances;
 use crate::metrics::Metrics;
-use crate::router::{self, RouterMsg};
 use crate::{connection, Shared};
-use ferry_core::{Acl, Broker, Limits};
+use ferry_core::{Acl, Limits};
+use ferry_meta::{Meta, Profile};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -19,18 +21,26 @@ use tracing::{info, info_span, warn, Instrument};
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The server-wide limits; an instance's settings can narrow them.
     pub limits: Limits,
+    /// Server-wide topic ACL, applied in every instance.
     pub acl: Acl,
+    /// The listener's own users, for clients whose user name is not `<Mode>|<Key>|<Instance>`.
     pub auth: Authenticator,
     /// A connection must complete its CONNECT within this time.
     pub handshake_timeout: Duration,
     pub max_connections: usize,
     /// Packets queued for one connection beyond which QoS 0 publishes to it are dropped.
     pub outbox_qos0_limit: usize,
-    /// Depth of the channel from connections to the router.
+    /// Depth of the channel from connections to an instance's router.
     pub router_queue: usize,
     /// How long shutdown waits for connections to flush and close.
     pub shutdown_grace: Duration,
+    /// The instance of clients whose user name is not `<Mode>|<Key>|<InstanceId>`.
+    pub default_instance: String,
+    /// Failed logins per source address within a minute before further attempts from it are
+    /// refused without checking (0 = no limit).
+    pub max_failed_logins_per_minute: u32,
 }
 
 impl Default for Config {
@@ -48,6 +58,8 @@ impl Default for Config {
             outbox_qos0_limit: 1000,
             router_queue: 4096,
             shutdown_grace: Duration::from_secs(10),
+            default_instance: "default".into(),
+            max_failed_logins_per_minute: 20,
         }
     }
 }
@@ -58,24 +70,50 @@ pub struct Server {
     shared: Arc<Shared>,
     stop_accepting: watch::Sender<bool>,
     accept: JoinHandle<()>,
-    router: JoinHandle<()>,
     slots: Arc<Semaphore>,
 }
 
 impl Server {
-    /// Binds the listener and starts serving.
+    /// Binds the listener and starts serving, with fresh metadata holding only the default
+    /// instance (profile `standard`).
     pub async fn start(config: Config) -> io::Result<Server> {
+        let meta = Arc::new(Meta::new());
+        meta.create_instance(
+            &config.default_instance,
+            "default",
+            Profile::Standard,
+            None,
+            ferry_meta::now_ms(),
+        )
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        Self::start_with_meta(config, meta).await
+    }
+
+    /// Binds the listener and starts serving the instances of `meta`.
+    pub async fn start_with_meta(config: Config, meta: Arc<Meta>) -> io::Result<Server> {
+        meta.instance(&config.default_instance).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("default instance: {e}"),
+            )
+        })?;
         let listener = TcpListener::bind(config.listen).await?;
         let local_addr = listener.local_addr()?;
-        let (router_tx, router_rx) = mpsc::channel(config.router_queue);
         let metrics = Arc::new(Metrics::default());
-        let broker = Broker::new(config.limits.clone(), config.acl.clone());
-        let router = tokio::spawn(router::run(broker, router_rx, metrics.clone()));
+        let instances = Arc::new(Instances::new(
+            meta,
+            config.limits.clone(),
+            config.acl.clone(),
+            config.router_queue,
+            metrics.clone(),
+        ));
         let slots = Arc::new(Semaphore::new(config.max_connections));
         let shared = Arc::new(Shared {
             config,
-            router: router_tx,
+            instances,
             metrics,
+            failed_logins: Default::default(),
+            started: (Instant::now(), SystemTime::now()),
         });
         let (stop_accepting, stop_rx) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(
@@ -90,7 +128,6 @@ impl Server {
             shared,
             stop_accepting,
             accept,
-            router,
             slots,
         })
     }
@@ -103,21 +140,25 @@ impl Server {
         self.shared.metrics.clone()
     }
 
+    /// A handle for the management APIs.
+    pub fn control(&self) -> Control {
+        Control {
+            instances: self.shared.instances.clone(),
+            started: self.shared.started,
+        }
+    }
+
+    /// The metadata the server authenticates against.
+    pub fn meta(&self) -> Arc<Meta> {
+        self.shared.instances.meta.clone()
+    }
+
     /// Stops accepting, sends every client DISCONNECT 0x8B (v5), and waits (up to the grace
     /// period) for the connections to flush and close.
     pub async fn shutdown(self) {
         let _ = self.stop_accepting.send(true);
         let _ = self.accept.await;
-        let (done, wait) = oneshot::channel();
-        if self
-            .shared
-            .router
-            .send(RouterMsg::Shutdown { done })
-            .await
-            .is_ok()
-        {
-            let _ = wait.await;
-        }
+        self.shared.instances.shutdown().await;
         let max = self.shared.config.max_connections as u32;
         let drained = tokio::time::timeout(
             self.shared.config.shutdown_grace,
@@ -127,7 +168,6 @@ impl Server {
         if drained.is_err() {
             warn!("connections still open after the shutdown grace period");
         }
-        let _ = self.router.await;
         info!("shut down");
     }
 }

@@ -106,3 +106,55 @@ mod tests {
         assert!(!closed.check(None, Action::Publish, "a"));
     }
 }
+
+/// What one connection may do, on top of the ACL: granted by its credentials (an AccessKey's
+/// permission, a token's resources).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Grant {
+    #[default]
+    All,
+    Nothing,
+    /// Only topics (publish) or filters (subscribe, compared as written) covered by one of
+    /// these filters.
+    Filters(Vec<String>),
+}
+
+impl Grant {
+    pub fn allows(&self, target: &str) -> bool {
+        match self {
+            Grant::All => true,
+            Grant::Nothing => false,
+            Grant::Filters(filters) => filters
+                .iter()
+                .any(|f| f == target || topic::matches(f, target)),
+        }
+    }
+
+    /// This grant limited to `filters` (no change when `filters` is empty).
+    pub fn narrowed_to(self, filters: &[String]) -> Grant {
+        match self {
+            Grant::All if !filters.is_empty() => Grant::Filters(filters.to_vec()),
+            other => other,
+        }
+    }
+}
+
+/// A connection's publish and subscribe grants.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Permissions {
+    pub publish: Grant,
+    pub subscribe: Grant,
+}
+
+impl Permissions {
+    pub fn full() -> Self {
+        Permissions::default()
+    }
+}
+
+/// Instance rules on topics that need outside knowledge (the cloud profile: the first level must
+/// be a created parent topic, levels and length follow the naming rules). Called from the
+/// broker core for every PUBLISH topic and SUBSCRIBE filter, so it must be cheap.
+pub trait TopicPolicy: Send + Sync {
+    fn allows(&self, topic: &str, is_filter: bool) -> bool;
+}

@@ -8,7 +8,7 @@
 //! What is per connection rather than per session (keep-alive, topic aliases, the inbound
 //! receive maximum) lives in [`crate::conn::Connection`], next to the socket.
 
-use crate::acl::{Acl, Action};
+use crate::acl::{Acl, Action, Permissions, TopicPolicy};
 use crate::message::{Message, SharedMessage};
 use crate::retained::{MemoryRetained, RetainedStore};
 use crate::session::{
@@ -50,6 +50,13 @@ pub struct Limits {
     pub max_qos: QoS,
     /// Longest client id accepted.
     pub max_client_id_len: usize,
+    /// Subscriptions one session may hold; 0 = unlimited. Beyond it SUBSCRIBE gets 0x97.
+    pub max_subscriptions_per_client: usize,
+    /// Largest PUBLISH payload; 0 = only the packet size limits it. Beyond it the connection is
+    /// closed (v5: DISCONNECT 0x95).
+    pub max_payload_size: u32,
+    /// Whether `<parent>/p2p/<clientId>` goes to that client only, without a subscription.
+    pub p2p: bool,
 }
 
 impl Default for Limits {
@@ -65,6 +72,9 @@ impl Default for Limits {
             retain_available: true,
             max_qos: QoS::ExactlyOnce,
             max_client_id_len: 65_535,
+            max_subscriptions_per_client: 0,
+            max_payload_size: 0,
+            p2p: false,
         }
     }
 }
@@ -114,6 +124,34 @@ struct ConnState {
     /// Whether the CONNECT set session expiry 0 (v5 forbids raising it at DISCONNECT then).
     zero_expiry_at_connect: bool,
     problem_info: bool,
+    permissions: Permissions,
+    peer: Option<String>,
+    /// When the core last handled a packet from this connection.
+    last_activity: Instant,
+}
+
+/// What the runtime learned about a client before its CONNECT reaches the core.
+#[derive(Debug, Clone, Default)]
+pub struct ClientGrant {
+    /// What the client's credentials allow (on top of the ACL).
+    pub permissions: Permissions,
+    /// The peer address, for queries.
+    pub peer: Option<String>,
+}
+
+/// A session as the management API sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub client_id: String,
+    pub online: bool,
+    pub peer: Option<String>,
+    pub protocol: Option<Protocol>,
+    /// Last packet handled (online) or when the connection ended (offline).
+    pub last_activity: Option<Instant>,
+    /// Raw filter (shared ones as `$share/…`) and granted QoS, sorted by filter.
+    pub subscriptions: Vec<(String, QoS)>,
+    pub inflight: usize,
+    pub queued: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -125,6 +163,7 @@ enum Timer {
 pub struct Broker {
     limits: Limits,
     acl: Acl,
+    policy: Option<Arc<dyn TopicPolicy>>,
     sessions: Box<dyn SessionRegistry>,
     retained: Box<dyn RetainedStore>,
     subscriptions: SubscriptionTree,
@@ -166,6 +205,7 @@ impl Broker {
         Broker {
             limits,
             acl,
+            policy: None,
             sessions,
             retained,
             subscriptions: SubscriptionTree::new(),
@@ -177,6 +217,12 @@ impl Broker {
             stats: Stats::default(),
             matches: Vec::new(),
         }
+    }
+
+    /// Adds instance topic rules (the cloud profile's parent topics and naming rules).
+    pub fn with_policy(mut self, policy: Arc<dyn TopicPolicy>) -> Self {
+        self.policy = Some(policy);
+        self
     }
 
     pub fn limits(&self) -> &Limits {
@@ -223,6 +269,17 @@ impl Broker {
     /// Handles an authenticated CONNECT on a new connection: queues the CONNACK (and the resumed
     /// session's messages) or a refusing CONNACK followed by a close.
     pub fn connect(&mut self, conn: ConnId, connect: Connect, now: Instant) -> Option<Accepted> {
+        self.connect_with(conn, connect, ClientGrant::default(), now)
+    }
+
+    /// [`Broker::connect`] for a client whose credentials grant `grant.permissions`.
+    pub fn connect_with(
+        &mut self,
+        conn: ConnId,
+        connect: Connect,
+        grant: ClientGrant,
+        now: Instant,
+    ) -> Option<Accepted> {
         let protocol = connect.protocol;
         let v5 = protocol.is_v5();
         let refuse = |b: &mut Self, code: ReasonCode, reason: &str| {
@@ -304,6 +361,8 @@ impl Broker {
             if !self
                 .acl
                 .check(connect.username.as_deref(), Action::Publish, &will.topic)
+                || !grant.permissions.publish.allows(&will.topic)
+                || !self.policy_allows(&will.topic, false)
             {
                 return refuse(
                     self,
@@ -387,6 +446,9 @@ impl Broker {
                 window,
                 zero_expiry_at_connect: requested_expiry == 0,
                 problem_info: connect.properties.request_problem_information != Some(0),
+                permissions: grant.permissions,
+                peer: grant.peer,
+                last_activity: now,
             },
         );
 
@@ -485,9 +547,10 @@ impl Broker {
     /// Handles a packet from connection `conn` after its CONNECT was accepted. PINGREQ, AUTH
     /// and topic aliases are dealt with by [`crate::conn::Connection`] before this.
     pub fn handle(&mut self, conn: ConnId, packet: Packet, now: Instant) {
-        let Some(state) = self.conns.get(&conn) else {
+        let Some(state) = self.conns.get_mut(&conn) else {
             return;
         };
+        state.last_activity = now;
         let sid = state.session;
         let v5 = state.protocol.is_v5();
         match packet {
@@ -618,9 +681,21 @@ impl Broker {
                 now,
             );
         }
+        if self.limits.max_payload_size > 0
+            && publish.payload.len() > self.limits.max_payload_size as usize
+        {
+            return self.protocol_error(
+                conn,
+                ReasonCode::PACKET_TOO_LARGE,
+                "payload above the instance's maximum",
+                now,
+            );
+        }
         let allowed = self
             .acl
-            .check(state.user.as_deref(), Action::Publish, &publish.topic);
+            .check(state.user.as_deref(), Action::Publish, &publish.topic)
+            && state.permissions.publish.allows(&publish.topic)
+            && self.policy_allows(&publish.topic, false);
         let qos = publish.qos;
         let packet_id = publish.packet_id;
         if !allowed {
@@ -692,6 +767,22 @@ impl Broker {
     /// Fans `msg` out to every matching session: one copy per session, with the highest QoS of
     /// its matching subscriptions and all their subscription identifiers.
     fn route(&mut self, msg: SharedMessage, now: Instant) {
+        if self.limits.p2p {
+            if let Some(target) = p2p_target(&msg.topic) {
+                // A P2P message reaches that client only, at the published QoS, without a
+                // subscription; an unknown client id means nobody.
+                if let Some(sid) = self.sessions.find(target) {
+                    let delivery = Delivery {
+                        qos: msg.qos,
+                        msg: msg.clone(),
+                        retain: false,
+                        sub_ids: Vec::new(),
+                    };
+                    self.deliver(sid, delivery, now);
+                }
+                return;
+            }
+        }
         let mut matches = std::mem::take(&mut self.matches);
         matches.clear();
         {
@@ -867,12 +958,28 @@ impl Broker {
                     now,
                 );
             }
+            let permitted = self.conns[&conn]
+                .permissions
+                .subscribe
+                .allows(parsed.filter);
             if !self
                 .acl
                 .check(user.as_deref(), Action::Subscribe, parsed.filter)
+                || !permitted
+                || !self.policy_allows(parsed.filter, true)
             {
                 codes.push(ReasonCode::NOT_AUTHORIZED);
                 continue;
+            }
+            let max_subs = self.limits.max_subscriptions_per_client;
+            if max_subs > 0 {
+                let session = self.sessions.get(sid).expect("connected session");
+                if session.subscriptions.len() >= max_subs
+                    && !session.subscriptions.contains_key(raw.as_str())
+                {
+                    codes.push(ReasonCode::QUOTA_EXCEEDED);
+                    continue;
+                }
             }
             let mut options = options;
             options.qos = options.qos.min(self.limits.max_qos);
@@ -998,6 +1105,7 @@ impl Broker {
             return;
         }
         session.conn = None;
+        session.disconnected_at = Some(now);
         let expiry = session.expiry_interval;
         let mut will_now = None;
         if let (true, Some(will)) = (publish_will, state.will) {
@@ -1071,6 +1179,100 @@ impl Broker {
         }
     }
 
+    fn policy_allows(&self, topic: &str, is_filter: bool) -> bool {
+        // P2P topics are addressed to a client, not subscribed to; the parent still counts.
+        self.policy
+            .as_ref()
+            .is_none_or(|p| p.allows(topic, is_filter))
+    }
+
+    /// Replaces a connection's permissions (a token uploaded on `$SYS/uploadToken`).
+    pub fn set_permissions(&mut self, conn: ConnId, permissions: Permissions) {
+        if let Some(state) = self.conns.get_mut(&conn) {
+            state.permissions = permissions;
+        }
+    }
+
+    /// Closes the connection of `client_id` (v5: DISCONNECT 0x98 administrative action); the
+    /// will is published. Returns whether it was connected.
+    pub fn kick(&mut self, client_id: &str, now: Instant) -> bool {
+        let Some(conn) = self
+            .sessions
+            .find(client_id)
+            .and_then(|sid| self.sessions.get(sid))
+            .and_then(|s| s.conn)
+        else {
+            return false;
+        };
+        let v5 = self.conns[&conn].protocol.is_v5();
+        self.out.push(Output::Close {
+            conn,
+            disconnect: v5.then(|| v5_disconnect(ReasonCode::ADMINISTRATIVE_ACTION, None)),
+        });
+        self.detach(conn, true, now);
+        true
+    }
+
+    /// The session of `client_id`, online or not.
+    pub fn client_info(&self, client_id: &str) -> Option<ClientInfo> {
+        let session = self.sessions.get(self.sessions.find(client_id)?)?;
+        let conn = session.conn.and_then(|c| self.conns.get(&c));
+        let mut subscriptions: Vec<(String, QoS)> = session
+            .subscriptions
+            .iter()
+            .map(|(f, s)| (f.to_string(), s.options.qos))
+            .collect();
+        subscriptions.sort();
+        Some(ClientInfo {
+            client_id: session.client_id.to_string(),
+            online: conn.is_some(),
+            peer: conn.and_then(|c| c.peer.clone()),
+            protocol: conn.map(|c| c.protocol),
+            last_activity: conn.map(|c| c.last_activity).or(session.disconnected_at),
+            subscriptions,
+            inflight: session.inflight.len(),
+            queued: session.pending.len(),
+        })
+    }
+
+    /// Client ids of every session.
+    pub fn client_ids(&self) -> Vec<String> {
+        self.sessions.client_ids()
+    }
+
+    /// Connected clients whose id is `<group_id>@@@…`.
+    pub fn online_in_group(&self, group_id: &str) -> usize {
+        self.conns
+            .values()
+            .filter_map(|c| self.sessions.get(c.session))
+            .filter(|s| {
+                s.client_id
+                    .split_once("@@@")
+                    .is_some_and(|(g, _)| g == group_id)
+            })
+            .count()
+    }
+
+    /// Sessions with a subscription matching `topic` (shared groups count their members).
+    pub fn subscribers_of(&self, topic: &str) -> usize {
+        let mut count = 0;
+        for id in self.sessions.client_ids() {
+            let Some(session) = self
+                .sessions
+                .find(&id)
+                .and_then(|sid| self.sessions.get(sid))
+            else {
+                continue;
+            };
+            let hit = session
+                .subscriptions
+                .keys()
+                .any(|raw| topic::parse_filter(raw).is_ok_and(|p| topic::matches(p.filter, topic)));
+            count += usize::from(hit);
+        }
+        count
+    }
+
     /// Closes every connection with v5 DISCONNECT 0x8B (server shutting down). Wills are not
     /// published: the clients did nothing wrong.
     pub fn shutdown(&mut self, now: Instant) {
@@ -1084,6 +1286,13 @@ impl Broker {
             self.detach(conn, false, now);
         }
     }
+}
+
+/// The client id of a P2P topic `<parent>/p2p/<clientId>`.
+pub fn p2p_target(topic: &str) -> Option<&str> {
+    let (_, rest) = topic.split_once('/')?;
+    let target = rest.strip_prefix("p2p/")?;
+    (!target.is_empty()).then_some(target)
 }
 
 /// The PUBLISH for one delivery (packet id filled in by the caller for QoS 1/2).

@@ -94,6 +94,11 @@ impl Connection {
         self.max_packet_size
     }
 
+    /// Lowers (or sets) the inbound packet limit once the client's instance is known.
+    pub fn set_max_packet_size(&mut self, max: u32) {
+        self.max_packet_size = max;
+    }
+
     pub fn is_connected(&self) -> bool {
         self.phase == Phase::Connected
     }

@@ -24,8 +24,8 @@ pub mod session;
 pub mod topic;
 pub mod trie;
 
-pub use acl::{Acl, AclAction, AclRule, Action};
-pub use broker::{Accepted, Broker, ConnId, Limits, Output, Stats};
+pub use acl::{Acl, AclAction, AclRule, Action, Grant, Permissions, TopicPolicy};
+pub use broker::{Accepted, Broker, ClientGrant, ClientInfo, ConnId, Limits, Output, Stats};
 pub use conn::Connection;
 pub use message::{Message, SharedMessage};
 pub use retained::{MemoryRetained, RetainedStore};

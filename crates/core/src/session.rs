@@ -83,6 +83,8 @@ pub struct Session {
     /// Set while disconnected.
     pub expires_at: Option<Instant>,
     pub pending_will: Option<PendingWill>,
+    /// When the last connection ended.
+    pub disconnected_at: Option<Instant>,
     /// Messages dropped because the queue was full.
     pub dropped: u64,
 }
@@ -101,6 +103,7 @@ impl Session {
             expiry_interval: 0,
             expires_at: None,
             pending_will: None,
+            disconnected_at: None,
             dropped: 0,
         }
     }
@@ -133,6 +136,8 @@ pub trait SessionRegistry: Send {
     fn insert(&mut self, session: Session);
     fn remove(&mut self, id: SessionId) -> Option<Session>;
     fn len(&self) -> usize;
+    /// Client ids of all sessions.
+    fn client_ids(&self) -> Vec<String>;
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -168,5 +173,8 @@ impl SessionRegistry for MemorySessions {
     }
     fn len(&self) -> usize {
         self.by_id.len()
+    }
+    fn client_ids(&self) -> Vec<String> {
+        self.by_client.keys().map(|k| k.to_string()).collect()
     }
 }

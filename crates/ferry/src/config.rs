@@ -13,6 +13,13 @@ use std::time::Duration;
 #[serde(deny_unknown_fields)]
 pub struct File {
     pub log_level: Option<String>,
+    /// Where Ferry keeps its files (the admin key, the API endpoint for `ferry ctl`).
+    pub data_dir: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub api: Api,
+    /// Instances to create at start if they do not exist yet (the default one always is).
+    #[serde(default)]
+    pub instances: Vec<InstanceFile>,
     #[serde(default)]
     pub mqtt: Mqtt,
     #[serde(default)]
@@ -39,6 +46,9 @@ pub struct Mqtt {
     pub max_client_id_len: usize,
     pub outbox_qos0_limit: usize,
     pub shutdown_grace_secs: u64,
+    /// The instance of clients without a `<Mode>|<Key>|<InstanceId>` user name.
+    pub default_instance: String,
+    pub max_failed_logins_per_minute: u32,
 }
 
 impl Default for Mqtt {
@@ -60,24 +70,46 @@ impl Default for Mqtt {
             max_client_id_len: c.limits.max_client_id_len,
             outbox_qos0_limit: c.outbox_qos0_limit,
             shutdown_grace_secs: c.shutdown_grace.as_secs(),
+            default_instance: c.default_instance,
+            max_failed_logins_per_minute: c.max_failed_logins_per_minute,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// Whether clients without credentials may connect to the default instance. Unset: only
+    /// when the MQTT listener is bound to a loopback address (as Mosquitto 2 does).
+    pub allow_anonymous: Option<bool>,
+    pub users: Vec<UserFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Api {
+    /// REST API, cloud RPC API; `enabled = false` turns the listener off.
+    pub listen: SocketAddr,
+    pub enabled: bool,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Api {
+            listen: SocketAddr::from(([127, 0, 0, 1], 18083)),
+            enabled: true,
         }
     }
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Auth {
-    pub allow_anonymous: bool,
-    pub users: Vec<UserFile>,
-}
-
-impl Default for Auth {
-    fn default() -> Self {
-        Auth {
-            allow_anonymous: true,
-            users: Vec::new(),
-        }
-    }
+#[serde(deny_unknown_fields)]
+pub struct InstanceFile {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    /// `cloud` or `standard`.
+    pub profile: ferry_meta::Profile,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +186,12 @@ impl File {
         if m.max_connections == 0 {
             bail!("mqtt.max_connections: must be at least 1");
         }
+        ferry_meta::validate::instance_id(&m.default_instance)
+            .map_err(|e| anyhow::anyhow!("mqtt.default_instance: {}", e.message))?;
+        for (i, inst) in self.instances.iter().enumerate() {
+            ferry_meta::validate::instance_id(&inst.id)
+                .map_err(|e| anyhow::anyhow!("instances[{i}].id: {}", e.message))?;
+        }
         if m.handshake_timeout_secs == 0 {
             bail!("mqtt.handshake_timeout_secs: must be at least 1");
         }
@@ -199,10 +237,14 @@ impl File {
                 retain_available: m.retain_available,
                 max_qos,
                 max_client_id_len: m.max_client_id_len,
+                ..ferry_core::Limits::default()
             },
             acl,
             auth: Authenticator {
-                allow_anonymous: self.auth.allow_anonymous,
+                allow_anonymous: self
+                    .auth
+                    .allow_anonymous
+                    .unwrap_or_else(|| m.listen.ip().is_loopback()),
                 users: self
                     .auth
                     .users
@@ -218,6 +260,8 @@ impl File {
             outbox_qos0_limit: m.outbox_qos0_limit,
             router_queue: defaults.router_queue,
             shutdown_grace: Duration::from_secs(m.shutdown_grace_secs),
+            default_instance: m.default_instance.clone(),
+            max_failed_logins_per_minute: m.max_failed_logins_per_minute,
         })
     }
 }

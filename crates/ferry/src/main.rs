@@ -1,6 +1,10 @@
-//! The `ferry` binary: `ferry serve` runs the broker.
+//! The `ferry` binary: `ferry serve` runs the broker; `ferry bench` runs a load generator
+//! against one.
 
+mod bench;
 mod config;
+mod ctl;
+mod datadir;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -23,6 +27,10 @@ struct Cli {
 enum Command {
     /// Run the broker.
     Serve(ServeArgs),
+    /// Measure a running broker (Ferry or another) with a built-in load generator.
+    Bench(bench::BenchArgs),
+    /// Manage a running Ferry (instances, topics, groups, keys, tokens, clients) over its API.
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(clap::Args)]
@@ -51,12 +59,20 @@ struct ServeArgs {
     /// Messages queued per session (overrides mqtt.max_queued_messages).
     #[arg(long)]
     max_queued_messages: Option<usize>,
+    /// Data directory (overrides data_dir; default ./ferry-data).
+    #[arg(long, env = "FERRY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// REST / cloud RPC API listen address (overrides api.listen).
+    #[arg(long)]
+    api_listen: Option<SocketAddr>,
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Ctl(args) => ctl::run(args),
     }
 }
 
@@ -95,24 +111,86 @@ fn serve(args: ServeArgs) -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(v) = args.data_dir {
+        file.data_dir = Some(v);
+    }
+    if let Some(v) = args.api_listen {
+        file.api.listen = v;
+    }
     let runtime_config = file.to_runtime()?;
+    let data_dir = file
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(datadir::DEFAULT_DIR));
+    datadir::ensure(&data_dir)?;
+    let meta = std::sync::Arc::new(ferry_meta::Meta::new());
+    let now = ferry_meta::now_ms();
+    meta.create_instance(
+        &runtime_config.default_instance,
+        "default",
+        ferry_meta::Profile::Standard,
+        None,
+        now,
+    )
+    .map_err(|e| anyhow::anyhow!("default instance: {e}"))?;
+    for inst in &file.instances {
+        if meta.instance(&inst.id).is_err() {
+            meta.create_instance(&inst.id, &inst.name, inst.profile, None, now)
+                .map_err(|e| anyhow::anyhow!("instances: {e}"))?;
+        }
+    }
+    let new_key = datadir::admin_key(&data_dir, &meta)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let listen = runtime_config.listen;
-        let server = ferry_broker::Server::start(runtime_config)
+        let server = ferry_broker::Server::start_with_meta(runtime_config, meta.clone())
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
-        // One machine-readable line on stdout, so scripts and tests can find the port.
+        let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut api_task = None;
+        let mut api_url = None;
+        if file.api.enabled {
+            let listener = tokio::net::TcpListener::bind(file.api.listen)
+                .await
+                .with_context(|| format!("cannot listen on {} (api.listen)", file.api.listen))?;
+            let url = format!("http://{}", listener.local_addr()?);
+            datadir::write_endpoint(&data_dir, &url)?;
+            let state = ferry_admin::AdminState {
+                meta: meta.clone(),
+                control: server.control(),
+            };
+            api_task = Some(tokio::spawn(ferry_admin::serve(listener, state, async {
+                let _ = api_stopped.await;
+            })));
+            api_url = Some(url);
+        }
+        // Machine-readable lines on stdout, so scripts and tests can find the ports.
         {
             let mut out = std::io::stdout().lock();
             writeln!(out, "ferry: mqtt listening on {}", server.local_addr())?;
+            if let Some(url) = &api_url {
+                writeln!(out, "ferry: api listening on {url}")?;
+            }
+            if let Some((key, path)) = &new_key {
+                writeln!(
+                    out,
+                    "ferry: admin key created (shown once, saved in {}): id {} secret {}",
+                    path.display(),
+                    key.access_key_id,
+                    key.secret
+                )?;
+            }
             out.flush()?;
         }
         wait_for_signal().await;
         tracing::info!("shutting down");
+        let _ = stop_api.send(());
+        if let Some(task) = api_task {
+            let _ = task.await;
+        }
         server.shutdown().await;
         Ok(())
     })

@@ -16,7 +16,16 @@ fn run_with_config(toml: &str) -> (bool, String) {
     let path = dir.path().join("ferry.toml");
     std::fs::write(&path, toml).unwrap();
     let out = ferry()
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--config")
         .arg(&path)
         .output()
         .unwrap();
@@ -53,16 +62,40 @@ fn bad_configuration_is_refused_with_the_key_named() {
 
 #[test]
 fn serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
     let mut child = ferry()
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--log-level", "warn", "--data-dir"])
+        .arg(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    stdout.read_line(&mut line).unwrap();
+    let mut api = String::new();
+    stdout.read_line(&mut api).unwrap();
+    assert!(
+        api.starts_with("ferry: api listening on http://127.0.0.1:"),
+        "{api:?}"
+    );
+    let mut key = String::new();
+    stdout.read_line(&mut key).unwrap();
+    assert!(key.starts_with("ferry: admin key created"), "{key:?}");
+    // The admin key is left for `ferry ctl`, readable only by its owner.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("admin-key.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
     let addr = line
         .trim()
         .strip_prefix("ferry: mqtt listening on ")

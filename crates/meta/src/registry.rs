@@ -1,0 +1,925 @@
+//! [`Meta`]: the registry of instances and everything they own, and CONNECT authentication
+//! against it. In memory for now; the storage issue puts it on disk.
+
+use crate::auth::{
+    parse_token_password, parse_username, secrets_equal, verify_signature, AuthError, AuthMode,
+    Authenticated, HeldToken, Permissions, TokenType,
+};
+use crate::model::*;
+use crate::{random_bytes, validate, MetaError};
+use base64::Engine;
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+/// Tokens live between these bounds (§1); longer requests are capped.
+pub const TOKEN_MIN_TTL_MS: u64 = 60_000;
+pub const TOKEN_MAX_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+
+#[derive(Debug, Default)]
+struct Tenant {
+    instance: Option<Instance>,
+    topics: BTreeMap<String, ParentTopic>,
+    groups: BTreeMap<String, Group>,
+    keys: BTreeMap<String, AccessKey>,
+    /// client id → credential.
+    credentials: BTreeMap<String, DeviceCredential>,
+    tokens: BTreeMap<String, Token>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    tenants: BTreeMap<String, Tenant>,
+    admin_keys: BTreeMap<String, AdminKey>,
+}
+
+/// All metadata. Cheap to read from many threads; writes are rare.
+#[derive(Debug, Default)]
+pub struct Meta {
+    state: RwLock<State>,
+}
+
+fn random_id(prefix: &str, bytes: usize) -> String {
+    let raw: [u8; 24] = random_bytes();
+    let mut s = String::from(prefix);
+    for b in &raw[..bytes.min(24)] {
+        s.push_str(&format!("{b:02X}"));
+    }
+    s
+}
+
+fn random_secret() -> String {
+    let raw: [u8; 24] = random_bytes();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn no_instance(id: &str) -> MetaError {
+    MetaError::not_found(
+        "InstanceNotFound",
+        format!("instance {id:?} does not exist"),
+    )
+}
+
+impl Meta {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.state.read().expect("meta lock"))
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.state.write().expect("meta lock"))
+    }
+
+    fn tenant<'a>(state: &'a State, id: &str) -> Result<&'a Tenant, MetaError> {
+        state
+            .tenants
+            .get(id)
+            .filter(|t| t.instance.is_some())
+            .ok_or_else(|| no_instance(id))
+    }
+
+    fn tenant_mut<'a>(state: &'a mut State, id: &str) -> Result<&'a mut Tenant, MetaError> {
+        state
+            .tenants
+            .get_mut(id)
+            .filter(|t| t.instance.is_some())
+            .ok_or_else(|| no_instance(id))
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Instances
+
+    pub fn create_instance(
+        &self,
+        id: &str,
+        name: &str,
+        profile: Profile,
+        settings: Option<InstanceSettings>,
+        now: u64,
+    ) -> Result<Instance, MetaError> {
+        validate::instance_id(id)?;
+        if name.chars().count() > 128 {
+            return Err(MetaError::invalid("InstanceName: at most 128 characters"));
+        }
+        let instance = Instance {
+            id: id.to_string(),
+            name: if name.is_empty() {
+                id.to_string()
+            } else {
+                name.to_string()
+            },
+            profile,
+            settings: settings.unwrap_or_else(|| InstanceSettings::for_profile(profile)),
+            created_at: now,
+        };
+        self.write(|s| {
+            if s.tenants.get(id).is_some_and(|t| t.instance.is_some()) {
+                return Err(MetaError::conflict(
+                    "InstanceAlreadyExisted",
+                    format!("instance {id:?} exists already"),
+                ));
+            }
+            s.tenants.insert(
+                id.to_string(),
+                Tenant {
+                    instance: Some(instance.clone()),
+                    ..Default::default()
+                },
+            );
+            Ok(instance)
+        })
+    }
+
+    pub fn instance(&self, id: &str) -> Result<Instance, MetaError> {
+        self.read(|s| Ok(Self::tenant(s, id)?.instance.clone().expect("present")))
+    }
+
+    pub fn instances(&self) -> Vec<Instance> {
+        self.read(|s| {
+            s.tenants
+                .values()
+                .filter_map(|t| t.instance.clone())
+                .collect()
+        })
+    }
+
+    pub fn update_settings(
+        &self,
+        id: &str,
+        settings: InstanceSettings,
+    ) -> Result<Instance, MetaError> {
+        self.write(|s| {
+            let t = Self::tenant_mut(s, id)?;
+            let inst = t.instance.as_mut().expect("present");
+            inst.settings = settings;
+            Ok(inst.clone())
+        })
+    }
+
+    pub fn delete_instance(&self, id: &str) -> Result<(), MetaError> {
+        self.write(|s| {
+            Self::tenant(s, id)?;
+            s.tenants.remove(id);
+            Ok(())
+        })
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Parent topics
+
+    pub fn create_topic(
+        &self,
+        instance: &str,
+        name: &str,
+        now: u64,
+    ) -> Result<ParentTopic, MetaError> {
+        validate::parent_topic(name)?;
+        self.write(|s| {
+            let t = Self::tenant_mut(s, instance)?;
+            let max = t
+                .instance
+                .as_ref()
+                .expect("present")
+                .settings
+                .max_parent_topics;
+            if t.topics.keys().any(|k| k.eq_ignore_ascii_case(name)) {
+                return Err(MetaError::conflict(
+                    "TopicAlreadyExisted",
+                    format!("parent topic {name:?} exists already (names are case-insensitive)"),
+                ));
+            }
+            if t.topics.len() as u32 >= max {
+                return Err(MetaError::limit(
+                    "TopicCountLimit",
+                    format!("instance {instance:?} has its maximum of {max} parent topics"),
+                ));
+            }
+            let topic = ParentTopic {
+                name: name.to_string(),
+                created_at: now,
+            };
+            t.topics.insert(name.to_string(), topic.clone());
+            Ok(topic)
+        })
+    }
+
+    pub fn topics(&self, instance: &str) -> Result<Vec<ParentTopic>, MetaError> {
+        self.read(|s| {
+            Ok(Self::tenant(s, instance)?
+                .topics
+                .values()
+                .cloned()
+                .collect())
+        })
+    }
+
+    pub fn delete_topic(&self, instance: &str, name: &str) -> Result<(), MetaError> {
+        self.write(|s| {
+            Self::tenant_mut(s, instance)?
+                .topics
+                .remove(name)
+                .map(|_| ())
+                .ok_or_else(|| {
+                    MetaError::not_found(
+                        "TopicNotFound",
+                        format!("parent topic {name:?} does not exist"),
+                    )
+                })
+        })
+    }
+
+    /// Whether `parent` is a created parent topic of the instance (exact match).
+    pub fn has_topic(&self, instance: &str, parent: &str) -> bool {
+        self.read(|s| {
+            s.tenants
+                .get(instance)
+                .is_some_and(|t| t.topics.contains_key(parent))
+        })
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Groups
+
+    pub fn create_group(
+        &self,
+        instance: &str,
+        group_id: &str,
+        now: u64,
+    ) -> Result<Group, MetaError> {
+        validate::group_id(group_id)?;
+        self.write(|s| {
+            let t = Self::tenant_mut(s, instance)?;
+            if t.groups.contains_key(group_id) {
+                return Err(MetaError::conflict(
+                    "GroupIdAlreadyExsited",
+                    format!("group {group_id:?} exists already"),
+                ));
+            }
+            let g = Group {
+                group_id: group_id.to_string(),
+                created_at: now,
+            };
+            t.groups.insert(group_id.to_string(), g.clone());
+            Ok(g)
+        })
+    }
+
+    pub fn groups(&self, instance: &str) -> Result<Vec<Group>, MetaError> {
+        self.read(|s| {
+            Ok(Self::tenant(s, instance)?
+                .groups
+                .values()
+                .cloned()
+                .collect())
+        })
+    }
+
+    /// Deleting a group does not drop its connected clients; they fail on their next connect.
+    pub fn delete_group(&self, instance: &str, group_id: &str) -> Result<(), MetaError> {
+        self.write(|s| {
+            Self::tenant_mut(s, instance)?
+                .groups
+                .remove(group_id)
+                .map(|_| ())
+                .ok_or_else(|| {
+                    MetaError::not_found(
+                        "GroupIdNotFound",
+                        format!("group {group_id:?} does not exist"),
+                    )
+                })
+        })
+    }
+
+    // ------------------------------------------------------------------------------------
+    // AccessKeys
+
+    /// Creates an AccessKey; the returned value is the only time its secret is shown.
+    pub fn create_key(
+        &self,
+        instance: &str,
+        permission: KeyPermission,
+        topic_filters: Vec<String>,
+        now: u64,
+    ) -> Result<AccessKey, MetaError> {
+        for f in &topic_filters {
+            ferry_core::topic::validate_filter(f).map_err(|e| {
+                MetaError::invalid(format!("TopicFilters: {f:?} is not a topic filter: {e}"))
+            })?;
+        }
+        let key = AccessKey {
+            access_key_id: random_id("LTAI", 8),
+            secret: random_secret(),
+            permission,
+            topic_filters,
+            created_at: now,
+        };
+        self.write(|s| {
+            Self::tenant_mut(s, instance)?
+                .keys
+                .insert(key.access_key_id.clone(), key.clone());
+            Ok(key)
+        })
+    }
+
+    pub fn keys(&self, instance: &str) -> Result<Vec<AccessKey>, MetaError> {
+        self.read(|s| Ok(Self::tenant(s, instance)?.keys.values().cloned().collect()))
+    }
+
+    pub fn delete_key(&self, instance: &str, key_id: &str) -> Result<(), MetaError> {
+        self.write(|s| {
+            Self::tenant_mut(s, instance)?
+                .keys
+                .remove(key_id)
+                .map(|_| ())
+                .ok_or_else(|| {
+                    MetaError::not_found(
+                        "AccessKeyNotFound",
+                        format!("AccessKey {key_id:?} does not exist"),
+                    )
+                })
+        })
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Device credentials
+
+    /// Registers (or replaces) the credential of `client_id`.
+    pub fn register_credential(
+        &self,
+        instance: &str,
+        client_id: &str,
+        now: u64,
+    ) -> Result<DeviceCredential, MetaError> {
+        self.write(|s| {
+            let t = Self::tenant_mut(s, instance)?;
+            let settings = &t.instance.as_ref().expect("present").settings;
+            if settings.require_group_client_id {
+                let (group, _) =
+                    validate::cloud_client_id(client_id, settings.max_client_id_len as usize)?;
+                if !t.groups.contains_key(group) {
+                    return Err(MetaError::not_found(
+                        "GroupIdNotFound",
+                        format!("group {group:?} does not exist"),
+                    ));
+                }
+            } else if client_id.is_empty() {
+                return Err(MetaError::invalid("ClientId: must not be empty"));
+            }
+            let cred = DeviceCredential {
+                client_id: client_id.to_string(),
+                device_access_key_id: random_id("DC.", 12),
+                device_access_key_secret: format!("DC.{}", random_secret()),
+                created_at: now,
+                updated_at: now,
+            };
+            t.credentials.insert(client_id.to_string(), cred.clone());
+            Ok(cred)
+        })
+    }
+
+    pub fn credential(
+        &self,
+        instance: &str,
+        client_id: &str,
+    ) -> Result<DeviceCredential, MetaError> {
+        self.read(|s| {
+            Self::tenant(s, instance)?
+                .credentials
+                .get(client_id)
+                .cloned()
+                .ok_or_else(|| {
+                    MetaError::not_found(
+                        "DeviceCredentialNotFound",
+                        format!("no credential for client {client_id:?}"),
+                    )
+                })
+        })
+    }
+
+    /// A new secret for an existing credential.
+    pub fn refresh_credential(
+        &self,
+        instance: &str,
+        client_id: &str,
+        now: u64,
+    ) -> Result<DeviceCredential, MetaError> {
+        self.write(|s| {
+            let cred = Self::tenant_mut(s, instance)?
+                .credentials
+                .get_mut(client_id)
+                .ok_or_else(|| {
+                    MetaError::not_found(
+                        "DeviceCredentialNotFound",
+                        format!("no credential for client {client_id:?}"),
+                    )
+                })?;
+            cred.device_access_key_secret = format!("DC.{}", random_secret());
+            cred.updated_at = now;
+            Ok(cred.clone())
+        })
+    }
+
+    pub fn unregister_credential(&self, instance: &str, client_id: &str) -> Result<(), MetaError> {
+        self.write(|s| {
+            Self::tenant_mut(s, instance)?
+                .credentials
+                .remove(client_id)
+                .map(|_| ())
+                .ok_or_else(|| {
+                    MetaError::not_found(
+                        "DeviceCredentialNotFound",
+                        format!("no credential for client {client_id:?}"),
+                    )
+                })
+        })
+    }
+
+    pub fn credential_client_ids(&self, instance: &str) -> Result<Vec<String>, MetaError> {
+        self.read(|s| {
+            Ok(Self::tenant(s, instance)?
+                .credentials
+                .keys()
+                .cloned()
+                .collect())
+        })
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Tokens
+
+    /// Issues a token. `expire_at` is absolute (ms); it must be at least 60 s away, and more
+    /// than 30 days away is capped to 30 days.
+    pub fn apply_token(
+        &self,
+        instance: &str,
+        resources: Vec<String>,
+        actions: TokenActions,
+        expire_at: u64,
+        now: u64,
+    ) -> Result<Token, MetaError> {
+        validate::token_resources(&resources)?;
+        if expire_at < now + TOKEN_MIN_TTL_MS {
+            return Err(MetaError::invalid(
+                "ExpireTime: must be at least 60 seconds in the future",
+            ));
+        }
+        let token = Token {
+            token: random_secret() + &random_secret(),
+            resources,
+            actions,
+            expire_at: expire_at.min(now + TOKEN_MAX_TTL_MS),
+            created_at: now,
+            revoked: false,
+        };
+        self.write(|s| {
+            Self::tenant_mut(s, instance)?
+                .tokens
+                .insert(token.token.clone(), token.clone());
+            Ok(token)
+        })
+    }
+
+    pub fn token(&self, instance: &str, token: &str) -> Result<Token, MetaError> {
+        self.read(|s| {
+            Self::tenant(s, instance)?
+                .tokens
+                .get(token)
+                .cloned()
+                .ok_or_else(|| MetaError::not_found("TokenNotFound", "no such token"))
+        })
+    }
+
+    pub fn revoke_token(&self, instance: &str, token: &str) -> Result<(), MetaError> {
+        self.write(|s| {
+            let t = Self::tenant_mut(s, instance)?
+                .tokens
+                .get_mut(token)
+                .ok_or_else(|| MetaError::not_found("TokenNotFound", "no such token"))?;
+            t.revoked = true;
+            Ok(())
+        })
+    }
+
+    /// Removes tokens that expired before `now` (revoked ones are kept until they expire, so
+    /// that a revoked token is reported as revoked rather than forged).
+    pub fn purge_expired_tokens(&self, now: u64) -> usize {
+        self.write(|s| {
+            let mut n = 0;
+            for t in s.tenants.values_mut() {
+                let before = t.tokens.len();
+                t.tokens.retain(|_, tok| tok.expire_at > now);
+                n += before - t.tokens.len();
+            }
+            n
+        })
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Admin keys
+
+    pub fn create_admin_key(&self, now: u64) -> AdminKey {
+        let key = AdminKey {
+            access_key_id: random_id("FERRY", 8),
+            secret: random_secret(),
+            created_at: now,
+        };
+        self.write(|s| s.admin_keys.insert(key.access_key_id.clone(), key.clone()));
+        key
+    }
+
+    /// Adds an admin key loaded from disk.
+    pub fn insert_admin_key(&self, key: AdminKey) {
+        self.write(|s| s.admin_keys.insert(key.access_key_id.clone(), key));
+    }
+
+    pub fn admin_keys(&self) -> Vec<AdminKey> {
+        self.read(|s| s.admin_keys.values().cloned().collect())
+    }
+
+    pub fn delete_admin_key(&self, id: &str) -> Result<(), MetaError> {
+        self.write(|s| {
+            s.admin_keys.remove(id).map(|_| ()).ok_or_else(|| {
+                MetaError::not_found(
+                    "AccessKeyNotFound",
+                    format!("admin key {id:?} does not exist"),
+                )
+            })
+        })
+    }
+
+    /// The secret of an admin key, for checking request signatures.
+    pub fn admin_secret(&self, id: &str) -> Option<String> {
+        self.read(|s| s.admin_keys.get(id).map(|k| k.secret.clone()))
+    }
+
+    /// Checks an admin key id and secret in constant time.
+    pub fn verify_admin(&self, id: &str, secret: &str) -> bool {
+        self.admin_secret(id)
+            .is_some_and(|s| secrets_equal(&s, secret))
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Authentication
+
+    /// Checks the client id against the instance's rules (cloud: `GID_…@@@device` with an
+    /// existing group).
+    pub fn check_client_id(&self, instance: &str, client_id: &str) -> Result<(), AuthError> {
+        self.read(|s| {
+            let t = Self::tenant(s, instance).map_err(|e| AuthError::not_authorized(e.message))?;
+            let settings = &t.instance.as_ref().expect("present").settings;
+            if client_id.len() > settings.max_client_id_len as usize {
+                return Err(AuthError::client_id("client id too long"));
+            }
+            if settings.require_group_client_id {
+                let (group, _) =
+                    validate::cloud_client_id(client_id, settings.max_client_id_len as usize)
+                        .map_err(|e| AuthError::client_id(e.message))?;
+                if !t.groups.contains_key(group) {
+                    return Err(AuthError::client_id(format!(
+                        "group {group:?} does not exist"
+                    )));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Authenticates a CONNECT whose user name is `<Mode>|<KeyId>|<InstanceId>`. Returns
+    /// `None` when the user name is not of that form (the listener's own users apply).
+    pub fn authenticate(
+        &self,
+        username: &str,
+        password: &[u8],
+        client_id: &str,
+        now: u64,
+    ) -> Option<Result<Authenticated, AuthError>> {
+        let user = match parse_username(username)? {
+            Ok(u) => u,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(self.authenticate_cloud(
+            user.mode,
+            user.key_id,
+            user.instance,
+            password,
+            client_id,
+            now,
+        ))
+    }
+
+    fn authenticate_cloud(
+        &self,
+        mode: AuthMode,
+        key_id: &str,
+        instance: &str,
+        password: &[u8],
+        client_id: &str,
+        now: u64,
+    ) -> Result<Authenticated, AuthError> {
+        self.check_client_id(instance, client_id)?;
+        self.read(|s| {
+            let t = Self::tenant(s, instance).map_err(|e| AuthError::not_authorized(e.message))?;
+            let mut out = Authenticated {
+                instance: instance.to_string(),
+                mode: Some(mode),
+                key_id: Some(key_id.to_string()),
+                permissions: Permissions::full(),
+                tokens: Vec::new(),
+            };
+            match mode {
+                AuthMode::Signature => {
+                    let key = t
+                        .keys
+                        .get(key_id)
+                        .ok_or_else(|| AuthError::bad("unknown AccessKey"))?;
+                    if !verify_signature(&key.secret, client_id, password) {
+                        return Err(AuthError::bad("signature mismatch"));
+                    }
+                    out.permissions =
+                        crate::auth::key_permissions(key.permission, &key.topic_filters);
+                }
+                AuthMode::DeviceCredential => {
+                    let cred = t
+                        .credentials
+                        .values()
+                        .find(|c| c.device_access_key_id == key_id)
+                        .ok_or_else(|| AuthError::bad("unknown device credential"))?;
+                    if cred.client_id != client_id {
+                        return Err(AuthError::not_authorized(
+                            "the device credential belongs to another client id",
+                        ));
+                    }
+                    if !verify_signature(&cred.device_access_key_secret, client_id, password) {
+                        return Err(AuthError::bad("signature mismatch"));
+                    }
+                }
+                AuthMode::Token => {
+                    if !t.keys.contains_key(key_id) {
+                        return Err(AuthError::bad("unknown AccessKey"));
+                    }
+                    let password = std::str::from_utf8(password)
+                        .map_err(|_| AuthError::token(1, "token password is not UTF-8"))?;
+                    for (kind, token) in parse_token_password(password)? {
+                        let tok = Self::check_token(t, kind, token, now)?;
+                        out.tokens.push(HeldToken {
+                            kind,
+                            token: token.to_string(),
+                            expire_at: tok.expire_at,
+                            resources: tok.resources.clone(),
+                        });
+                    }
+                    out.permissions = crate::auth::token_permissions(&out.tokens);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// A token's validity for `kind`: codes 1 unknown, 2 expired, 3 revoked, 5 action mismatch.
+    fn check_token<'a>(
+        t: &'a Tenant,
+        kind: TokenType,
+        token: &str,
+        now: u64,
+    ) -> Result<&'a Token, AuthError> {
+        let tok = t
+            .tokens
+            .get(token)
+            .ok_or_else(|| AuthError::token(1, "unknown token"))?;
+        if tok.revoked {
+            return Err(AuthError::token(3, "token revoked"));
+        }
+        if tok.expire_at <= now {
+            return Err(AuthError::token(2, "token expired"));
+        }
+        let ok = match kind {
+            TokenType::R => tok.actions.read(),
+            TokenType::W => tok.actions.write(),
+            TokenType::RW => tok.actions == TokenActions::ReadWrite,
+        };
+        if !ok {
+            return Err(AuthError::token(5, "token actions do not match its type"));
+        }
+        Ok(tok)
+    }
+
+    /// Re-checks a held token (revocation, expiry): `Err` carries the notice code.
+    pub fn token_status(
+        &self,
+        instance: &str,
+        held: &HeldToken,
+        now: u64,
+    ) -> Result<(), AuthError> {
+        self.read(|s| {
+            let t = Self::tenant(s, instance).map_err(|e| AuthError::not_authorized(e.message))?;
+            Self::check_token(t, held.kind, &held.token, now).map(|_| ())
+        })
+    }
+
+    /// Validates a token uploaded on `$SYS/uploadToken`: the new grant for its type.
+    pub fn upload_token(
+        &self,
+        instance: &str,
+        kind: TokenType,
+        token: &str,
+        now: u64,
+    ) -> Result<HeldToken, AuthError> {
+        self.read(|s| {
+            let t = Self::tenant(s, instance).map_err(|e| AuthError::not_authorized(e.message))?;
+            let tok = Self::check_token(t, kind, token, now)?;
+            Ok(HeldToken {
+                kind,
+                token: token.to_string(),
+                expire_at: tok.expire_at,
+                resources: tok.resources.clone(),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::hmac_sha1_base64;
+
+    fn cloud(meta: &Meta) {
+        meta.create_instance("mqtt-a", "A", Profile::Cloud, None, 0)
+            .unwrap();
+        meta.create_group("mqtt-a", "GID_test", 0).unwrap();
+        meta.create_topic("mqtt-a", "TopicA", 0).unwrap();
+    }
+
+    #[test]
+    fn resources_and_their_errors() {
+        let m = Meta::new();
+        cloud(&m);
+        assert_eq!(
+            m.create_group("mqtt-a", "GID_test", 0).unwrap_err().code,
+            "GroupIdAlreadyExsited"
+        );
+        assert_eq!(
+            m.create_topic("mqtt-a", "topica", 0).unwrap_err().code,
+            "TopicAlreadyExisted"
+        );
+        assert_eq!(
+            m.create_group("nope", "GID_test", 0).unwrap_err().code,
+            "InstanceNotFound"
+        );
+        for i in 1..25 {
+            m.create_topic("mqtt-a", &format!("T{i}"), 0).unwrap();
+        }
+        assert_eq!(
+            m.create_topic("mqtt-a", "T25", 0).unwrap_err().code,
+            "TopicCountLimit"
+        );
+        assert!(m.has_topic("mqtt-a", "TopicA"));
+        assert!(!m.has_topic("mqtt-a", "topica"));
+    }
+
+    #[test]
+    fn signature_mode() {
+        let m = Meta::new();
+        cloud(&m);
+        let key = m
+            .create_key("mqtt-a", KeyPermission::Full, vec![], 0)
+            .unwrap();
+        let user = format!("Signature|{}|mqtt-a", key.access_key_id);
+        let good = hmac_sha1_base64(&key.secret, "GID_test@@@dev1");
+        let a = m
+            .authenticate(&user, good.as_bytes(), "GID_test@@@dev1", 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.instance, "mqtt-a");
+        let e = m
+            .authenticate(&user, b"wrong", "GID_test@@@dev1", 0)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.code, ferry_codec::ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+        let e = m
+            .authenticate(&user, good.as_bytes(), "GID_other@@@dev1", 0)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.code, ferry_codec::ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+        assert!(m.authenticate("plain", b"", "c", 0).is_none());
+    }
+
+    #[test]
+    fn device_credential_mode() {
+        let m = Meta::new();
+        cloud(&m);
+        let c = m
+            .register_credential("mqtt-a", "GID_test@@@dev1", 0)
+            .unwrap();
+        assert!(c.device_access_key_id.starts_with("DC."));
+        assert!(c.device_access_key_secret.starts_with("DC."));
+        let user = format!("DeviceCredential|{}|mqtt-a", c.device_access_key_id);
+        let pw = hmac_sha1_base64(&c.device_access_key_secret, "GID_test@@@dev1");
+        assert!(m
+            .authenticate(&user, pw.as_bytes(), "GID_test@@@dev1", 0)
+            .unwrap()
+            .is_ok());
+        // Another client id may not use it.
+        let pw2 = hmac_sha1_base64(&c.device_access_key_secret, "GID_test@@@dev2");
+        assert!(m
+            .authenticate(&user, pw2.as_bytes(), "GID_test@@@dev2", 0)
+            .unwrap()
+            .is_err());
+        // Re-registering replaces it.
+        m.register_credential("mqtt-a", "GID_test@@@dev1", 1)
+            .unwrap();
+        assert!(m
+            .authenticate(&user, pw.as_bytes(), "GID_test@@@dev1", 0)
+            .unwrap()
+            .is_err());
+    }
+
+    #[test]
+    fn token_mode() {
+        let m = Meta::new();
+        cloud(&m);
+        let key = m
+            .create_key("mqtt-a", KeyPermission::Full, vec![], 0)
+            .unwrap();
+        let now = 1_000_000;
+        let r = m
+            .apply_token(
+                "mqtt-a",
+                vec!["TopicA/#".into()],
+                TokenActions::Read,
+                now + 3_600_000,
+                now,
+            )
+            .unwrap();
+        let user = format!("Token|{}|mqtt-a", key.access_key_id);
+        let a = m
+            .authenticate(
+                &user,
+                format!("R|{}", r.token).as_bytes(),
+                "GID_test@@@d",
+                now,
+            )
+            .unwrap()
+            .unwrap();
+        assert!(a.permissions.subscribe.allows("TopicA/x"));
+        assert!(!a.permissions.publish.allows("TopicA/x"));
+        // W with a read-only token: action mismatch (5).
+        let e = m
+            .authenticate(
+                &user,
+                format!("W|{}", r.token).as_bytes(),
+                "GID_test@@@d",
+                now,
+            )
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.token_code, Some(5));
+        let e = m
+            .authenticate(&user, b"R|forged", "GID_test@@@d", now)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.token_code, Some(1));
+        m.revoke_token("mqtt-a", &r.token).unwrap();
+        let e = m
+            .authenticate(
+                &user,
+                format!("R|{}", r.token).as_bytes(),
+                "GID_test@@@d",
+                now,
+            )
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.token_code, Some(3));
+        // Lifetime bounds.
+        assert!(m
+            .apply_token(
+                "mqtt-a",
+                vec!["a".into()],
+                TokenActions::Read,
+                now + 1000,
+                now
+            )
+            .is_err());
+        let long = m
+            .apply_token(
+                "mqtt-a",
+                vec!["a".into()],
+                TokenActions::Read,
+                now + 10 * TOKEN_MAX_TTL_MS,
+                now,
+            )
+            .unwrap();
+        assert_eq!(long.expire_at, now + TOKEN_MAX_TTL_MS);
+        let e = m
+            .authenticate(
+                &user,
+                format!("R|{}", long.token).as_bytes(),
+                "GID_test@@@d",
+                now + TOKEN_MAX_TTL_MS,
+            )
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.token_code, Some(2));
+    }
+}
