@@ -116,6 +116,21 @@ impl Server {
             started: (Instant::now(), SystemTime::now()),
         });
         let (stop_accepting, stop_rx) = watch::channel(false);
+        // Forget tokens a day after they expired, so the registry does not grow without bound.
+        let meta = shared.instances.meta.clone();
+        let mut purge_stop = stop_rx.clone();
+        tokio::spawn(async move {
+            const DAY_MS: u64 = 24 * 3600 * 1000;
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        meta.purge_expired_tokens(ferry_meta::now_ms().saturating_sub(DAY_MS));
+                    }
+                    _ = purge_stop.changed() => return,
+                }
+            }
+        });
         let accept = tokio::spawn(accept_loop(
             listener,
             shared.clone(),

@@ -502,15 +502,15 @@ impl Meta {
         })
     }
 
-    /// Removes tokens that expired before `now` (revoked ones are kept until they expire, so
-    /// that a revoked token is reported as revoked rather than forged).
-    pub fn purge_expired_tokens(&self, now: u64) -> usize {
+    /// Removes tokens that expired before `before`. Callers keep a grace period after expiry so
+    /// that a recently expired token is still reported as expired (code 2) rather than unknown.
+    pub fn purge_expired_tokens(&self, before: u64) -> usize {
         self.write(|s| {
             let mut n = 0;
             for t in s.tenants.values_mut() {
-                let before = t.tokens.len();
-                t.tokens.retain(|_, tok| tok.expire_at > now);
-                n += before - t.tokens.len();
+                let count = t.tokens.len();
+                t.tokens.retain(|_, tok| tok.expire_at > before);
+                n += count - t.tokens.len();
             }
             n
         })
