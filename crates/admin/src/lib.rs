@@ -9,6 +9,7 @@
 //! Neither holds state of its own: they call [`ferry_meta::Meta`] (resources) and
 //! [`ferry_broker::Control`] (clients, kick, publish).
 
+pub mod openapi;
 pub mod rest;
 pub mod rpc;
 

@@ -154,6 +154,24 @@ impl Control {
         self.run(instance, move |b, now| b.kick(&id, now)).await
     }
 
+    /// The instance of clients without a cloud user name.
+    pub fn default_instance(&self) -> &str {
+        &self.instances.default_instance
+    }
+
+    /// Deletes an instance: its metadata goes, its clients are disconnected and its sessions
+    /// and retained messages dropped. The default instance cannot be deleted.
+    pub async fn delete_instance(&self, instance: &str) -> Result<(), ControlError> {
+        if instance == self.instances.default_instance {
+            return Err(ControlError::Invalid(format!(
+                "instance {instance:?} is the default instance and cannot be deleted"
+            )));
+        }
+        self.instances.meta.delete_instance(instance)?;
+        self.instances.stop(instance).await;
+        Ok(())
+    }
+
     /// Publishes a message as the server; returns its message id.
     pub async fn publish(
         &self,

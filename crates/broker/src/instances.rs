@@ -49,6 +49,8 @@ pub fn instance_limits(base: &Limits, s: &InstanceSettings) -> Limits {
 
 pub(crate) struct Instances {
     pub meta: Arc<Meta>,
+    /// Where clients without a cloud user name land; it cannot be deleted.
+    pub default_instance: String,
     base: Limits,
     acl: Acl,
     router_queue: usize,
@@ -60,6 +62,7 @@ pub(crate) struct Instances {
 impl Instances {
     pub fn new(
         meta: Arc<Meta>,
+        default_instance: String,
         base: Limits,
         acl: Acl,
         router_queue: usize,
@@ -67,6 +70,7 @@ impl Instances {
     ) -> Self {
         Instances {
             meta,
+            default_instance,
             base,
             acl,
             router_queue,
@@ -100,6 +104,23 @@ impl Instances {
         self.tasks.lock().expect("instances lock").push(task);
         routers.insert(instance.to_string(), (tx.clone(), limits.clone()));
         Ok((tx, limits))
+    }
+
+    /// Stops one instance's router (after the instance was deleted): its clients are
+    /// disconnected (v5: DISCONNECT 0x8B) and its sessions dropped.
+    pub async fn stop(&self, instance: &str) {
+        let router = self
+            .routers
+            .lock()
+            .expect("instances lock")
+            .remove(instance)
+            .map(|(tx, _)| tx);
+        if let Some(tx) = router {
+            let (done, wait) = oneshot::channel();
+            if tx.send(RouterMsg::Shutdown { done }).await.is_ok() {
+                let _ = wait.await;
+            }
+        }
     }
 
     /// Stops every router: each closes its connections with DISCONNECT 0x8B.

@@ -102,6 +102,7 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let instances = Arc::new(Instances::new(
             meta,
+            config.default_instance.clone(),
             config.limits.clone(),
             config.acl.clone(),
             config.router_queue,

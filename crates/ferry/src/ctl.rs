@@ -495,10 +495,7 @@ fn api_error(status: ureq::http::StatusCode, raw: &str, method: &str, url: &str)
     } else {
         format!(": {}", truncate(body, 200))
     };
-    anyhow!(
-        "HTTP {} {reason} for {method} {url}{body}",
-        status.as_u16()
-    )
+    anyhow!("HTTP {} {reason} for {method} {url}{body}", status.as_u16())
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -531,7 +528,7 @@ fn execute(args: CtlArgs) -> Result<String> {
     let inst = format!("/instances/{}", enc(&args.instance));
     let mut out = Out::default();
     // Each arm makes one call and renders its reply (or, with --json, prints it as is).
-    let (reply, render): (Reply, Box<dyn FnOnce(&mut Out, &Value)>) = match args.resource {
+    let (reply, show_reply): (Reply, Render) = match args.resource {
         Resource::Instances(cmd) => match cmd {
             InstanceCmd::List => (
                 api.call(Method::Get, "/instances", None)?,
@@ -616,9 +613,7 @@ fn execute(args: CtlArgs) -> Result<String> {
         Resource::Groups(cmd) => match cmd {
             GroupCmd::List => (
                 api.call(Method::Get, &format!("{inst}/groups"), None)?,
-                Box::new(|o, v| {
-                    o.table(v, &[("GROUP_ID", "group_id"), ("CREATED", "created_at")])
-                }),
+                Box::new(|o, v| o.table(v, &[("GROUP_ID", "group_id"), ("CREATED", "created_at")])),
             ),
             GroupCmd::Create { group_id } => (
                 api.call(
@@ -755,9 +750,7 @@ fn execute(args: CtlArgs) -> Result<String> {
                         &format!("{inst}/credentials/{}", enc(&client_id)),
                         None,
                     )?,
-                    Box::new(move |o, _| {
-                        o.line(format!("deleted the credential of {client_id}"))
-                    }),
+                    Box::new(move |o, _| o.line(format!("deleted the credential of {client_id}"))),
                 ),
             }
         }
@@ -794,11 +787,7 @@ fn execute(args: CtlArgs) -> Result<String> {
                     )
                 }
                 TokenCmd::Show { token } => (
-                    api.call(
-                        Method::Get,
-                        &format!("{inst}/tokens/{}", enc(&token)),
-                        None,
-                    )?,
+                    api.call(Method::Get, &format!("{inst}/tokens/{}", enc(&token)), None)?,
                     Box::new(show),
                 ),
                 TokenCmd::Revoke { token } => (
@@ -892,7 +881,10 @@ fn execute(args: CtlArgs) -> Result<String> {
                 Box::new(|o, v| {
                     o.table(
                         v,
-                        &[("ACCESS_KEY_ID", "access_key_id"), ("CREATED", "created_at")],
+                        &[
+                            ("ACCESS_KEY_ID", "access_key_id"),
+                            ("CREATED", "created_at"),
+                        ],
                     )
                 }),
             ),
@@ -926,13 +918,16 @@ fn execute(args: CtlArgs) -> Result<String> {
             out.line(raw.to_string());
         }
     } else {
-        render(&mut out, &reply.json);
+        show_reply(&mut out, &reply.json);
     }
     for note in &out.notes {
         eprintln!("{note}");
     }
     Ok(out.text)
 }
+
+/// Renders a successful reply for humans.
+type Render = Box<dyn FnOnce(&mut Out, &Value)>;
 
 /// Human output being built: stdout text, plus notes for stderr.
 #[derive(Default)]
@@ -964,7 +959,13 @@ impl Out {
             );
         }
         let widths: Vec<usize> = (0..cols.len())
-            .map(|i| cells.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+            .map(|i| {
+                cells
+                    .iter()
+                    .map(|r| r[i].chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
             .collect();
         for row in cells {
             let mut line = String::new();
@@ -1149,10 +1150,7 @@ mod tests {
             normalize_base("127.0.0.1:1/").unwrap(),
             "http://127.0.0.1:1"
         );
-        assert_eq!(
-            normalize_base("http://h:1/api/v1").unwrap(),
-            "http://h:1"
-        );
+        assert_eq!(normalize_base("http://h:1/api/v1").unwrap(), "http://h:1");
         assert!(normalize_base("https://h").is_err());
     }
 

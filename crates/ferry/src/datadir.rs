@@ -66,7 +66,6 @@ pub fn admin_key(dir: &Path, meta: &Meta) -> Result<Option<(AdminKey, PathBuf)>>
 }
 
 /// Reads the admin key file (for `ferry ctl`).
-#[allow(dead_code)] // used by `ferry ctl`, which is being built
 pub fn read_key(dir: &Path) -> Result<KeyFile> {
     let path = dir.join(KEY_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
@@ -84,7 +83,6 @@ pub fn write_endpoint(dir: &Path, url: &str) -> Result<()> {
 }
 
 /// The API URL `ferry serve` wrote, if any.
-#[allow(dead_code)] // used by `ferry ctl`, which is being built
 pub fn read_endpoint(dir: &Path) -> Option<String> {
     std::fs::read_to_string(dir.join(ENDPOINT_FILE))
         .ok()

@@ -75,9 +75,16 @@ pub fn cloud_topic(topic: &str, min: usize, max: usize, is_filter: bool) -> Resu
             "topic {topic:?}: must be {min}-{max} characters"
         )));
     }
-    for level in topic.split('/') {
+    // In `<parent>/p2p/<clientId>` the client id may hold the `@@@` of cloud client ids.
+    let p2p = topic.split('/').nth(1) == Some("p2p");
+    for (i, level) in topic.split('/').enumerate() {
         let wildcard = is_filter && (level == "+" || level == "#");
-        if !wildcard && !level.is_empty() && !charset_ok(level, &['_', '-']) {
+        let extra: &[char] = if p2p && i >= 2 {
+            &['_', '-', '@']
+        } else {
+            &['_', '-']
+        };
+        if !wildcard && !level.is_empty() && !charset_ok(level, extra) {
             return Err(MetaError::invalid(format!(
                 "topic {topic:?}: level {level:?} may only hold A-Z, a-z, 0-9, '_' and '-'"
             )));
@@ -129,6 +136,8 @@ mod tests {
         assert!(cloud_topic("ab", 3, 64, false).is_err());
         assert!(cloud_topic("TopicA/+/#", 3, 64, true).is_ok());
         assert!(cloud_topic("TopicA/a.b", 3, 64, false).is_err());
+        assert!(cloud_topic("TopicA/p2p/GID_test@@@dev2", 3, 64, false).is_ok());
+        assert!(cloud_topic("TopicA/x/GID_test@@@dev2", 3, 64, false).is_err());
         let e = group_id("bad").unwrap_err();
         assert!(e.message.contains("GroupId"), "names the field: {e}");
     }
