@@ -1290,13 +1290,13 @@ async fn list_admin_keys(_: Admin, State(s): St) -> Json<Vec<ferry_meta::AdminKe
     Json(s.meta.admin_keys())
 }
 
-async fn create_admin_key(_: Admin, State(s): St) -> Response {
-    let k = s.meta.create_admin_key(now_ms());
-    created(json!({
+async fn create_admin_key(_: Admin, State(s): St) -> ApiResult<Response> {
+    let k = s.meta.create_admin_key(now_ms())?;
+    Ok(created(json!({
         "access_key_id": k.access_key_id,
         "access_key_secret": k.secret,
         "created_at": k.created_at,
-    }))
+    })))
 }
 
 async fn delete_admin_key(_: Admin, State(s): St, P(id): P<String>) -> ApiResult<Response> {

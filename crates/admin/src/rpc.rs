@@ -100,6 +100,7 @@ impl From<MetaError> for RpcError {
             ErrorKind::Unauthorized => StatusCode::FORBIDDEN,
             // The cloud answers "exists already" and limits with 400.
             ErrorKind::Invalid | ErrorKind::Limit | ErrorKind::Conflict => StatusCode::BAD_REQUEST,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         RpcError::new(status, e.code, e.message)
     }

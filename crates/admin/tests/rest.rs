@@ -307,7 +307,7 @@ impl Env {
         let meta = Arc::new(Meta::new());
         meta.create_instance("default", "default", Profile::Standard, None, now_ms())
             .unwrap();
-        let key = meta.create_admin_key(now_ms());
+        let key = meta.create_admin_key(now_ms()).unwrap();
         let server = Server::start_with_meta(
             Config {
                 listen: "127.0.0.1:0".parse().unwrap(),

@@ -36,7 +36,7 @@ impl Env {
             .unwrap();
         meta.create_instance(CLOUD, "Cloud", Profile::Cloud, None, 0)
             .unwrap();
-        let key = meta.create_admin_key(0);
+        let key = meta.create_admin_key(0).unwrap();
         let config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             ..Default::default()
@@ -435,7 +435,7 @@ async fn bad_signatures_and_keys_are_refused() {
     );
 
     // A deleted admin key stops working.
-    let other = env.meta.create_admin_key(0);
+    let other = env.meta.create_admin_key(0).unwrap();
     let (status, _) = env
         .send(&Signed::new(&other.access_key_id, &other.secret, &params).request("POST"))
         .await;

@@ -2,7 +2,8 @@
 //! used. Nothing is shared between two instances' cores, so nothing can cross between them.
 
 use crate::metrics::Metrics;
-use crate::router::{self, RouterMsg};
+use crate::persist::Persistence;
+use crate::router::{self, RouterMsg, StoreLink};
 use ferry_core::{Acl, Broker, Limits, TopicPolicy};
 use ferry_meta::{validate, InstanceSettings, Meta, MetaError};
 use std::collections::HashMap;
@@ -56,6 +57,7 @@ pub(crate) struct Instances {
     router_queue: usize,
     metrics: Arc<Metrics>,
     routers: Mutex<HashMap<String, (mpsc::Sender<RouterMsg>, Limits)>>,
+    persistence: Option<Arc<Persistence>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -67,6 +69,7 @@ impl Instances {
         acl: Acl,
         router_queue: usize,
         metrics: Arc<Metrics>,
+        persistence: Option<Arc<Persistence>>,
     ) -> Self {
         Instances {
             meta,
@@ -76,6 +79,7 @@ impl Instances {
             router_queue,
             metrics,
             routers: Mutex::new(HashMap::new()),
+            persistence,
             tasks: Mutex::new(Vec::new()),
         }
     }
@@ -99,8 +103,29 @@ impl Instances {
                 max_len: info.settings.topic_max_len as usize,
             }));
         }
+        let store = match &self.persistence {
+            Some(p) => {
+                broker = broker.with_persistence();
+                let stats = p.restore(instance, &mut broker).map_err(|e| {
+                    MetaError::internal(format!("cannot restore instance {instance:?}: {e}"))
+                })?;
+                tracing::info!(
+                    instance,
+                    sessions = stats.sessions,
+                    messages = stats.messages,
+                    retained = stats.retained,
+                    orphans = stats.orphans,
+                    "restored from the store"
+                );
+                Some(StoreLink {
+                    persistence: p.clone(),
+                    instance: instance.to_string(),
+                })
+            }
+            None => None,
+        };
         let (tx, rx) = mpsc::channel(self.router_queue);
-        let task = tokio::spawn(router::run(broker, rx, self.metrics.clone()));
+        let task = tokio::spawn(router::run(broker, rx, self.metrics.clone(), store));
         self.tasks.lock().expect("instances lock").push(task);
         routers.insert(instance.to_string(), (tx.clone(), limits.clone()));
         Ok((tx, limits))

@@ -8,6 +8,8 @@
 //!   outputs.
 //! - [`control`]: [`Control`], the management APIs' handle (client queries, kick, publish).
 //! - `logins`: failed-login rate limiting per source address.
+//! - [`persist`]: encoding of the core's store operations for the embedded store, restore at
+//!   start-up, and the metadata documents.
 //! - `connection`: the per-connection driver (read, decode, [`ferry_core::Connection`], write).
 //! - [`outbox`]: the bounded router → connection queue (QoS 0 overflow is dropped and counted).
 //! - [`auth`]: user name / password authentication of the default listener.
@@ -23,6 +25,7 @@ mod instances;
 mod logins;
 pub mod metrics;
 pub mod outbox;
+pub mod persist;
 mod router;
 pub mod server;
 

@@ -1,16 +1,29 @@
-//! The router task: owns the [`Broker`] core, takes connection events from one bounded channel,
-//! and dispatches the core's outputs to the connections' outboxes. Connections never touch the
-//! core directly, so the core needs no locks and stays deterministic.
+//! The router task: owns an instance's [`Broker`] core, takes connection events from one
+//! bounded channel, and dispatches the core's outputs to the connections' outboxes.
+//! Connections never touch the core directly, so the core needs no locks and stays
+//! deterministic.
+//!
+//! With a store, the router also hands the core's store operations to the group-commit writer
+//! after each batch of events, and holds back the answers that promise something stored
+//! ([`Output::SendDurable`]: PUBACK / PUBREC of a message queued for a persistent session or
+//! retained, SUBACK, …) until the writer reports that batch durable. Everything behind a held
+//! answer on the same connection is held too, so a connection's packets keep their order. If
+//! the write fails, nothing held is sent: those connections are closed (v5: DISCONNECT with
+//! the store's reason code, 0x97 for a full disk, else 0x80), so no client is told that
+//! something unwritten was stored.
 
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use ferry_codec::{Connect, Packet};
+use crate::persist::Persistence;
+use ferry_codec::{Connect, Disconnect, Packet, Properties};
 use ferry_core::{Accepted, Broker, ClientGrant, ConnId, Output, Permissions, Stats};
-use std::collections::HashMap;
+use ferry_store::StoreError;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
+use tracing::error;
 
 /// A management operation run on an instance's broker core.
 pub type Operation = Box<dyn FnOnce(&mut Broker, Instant) + Send>;
@@ -25,6 +38,10 @@ pub enum RouterMsg {
         outbox: Arc<Outbox>,
         reply: oneshot::Sender<Option<Accepted>>,
     },
+    Packet {
+        conn: ConnId,
+        packet: Packet,
+    },
     /// New permissions for a connection (a token uploaded on `$SYS/uploadToken`); `done`
     /// answers once they apply.
     SetPermissions {
@@ -35,36 +52,81 @@ pub enum RouterMsg {
     /// Runs a management operation on the broker core (queries, kick, publish); the closure
     /// answers through its own channel.
     Run(Operation),
-    Packet {
-        conn: ConnId,
-        packet: Packet,
-    },
     /// The connection ended without the core having closed it.
     Lost {
         conn: ConnId,
     },
-    /// Close every connection with DISCONNECT 0x8B and stop.
+    /// Close every connection with DISCONNECT 0x8B, write what is pending, and stop.
     Shutdown {
         done: oneshot::Sender<()>,
     },
 }
 
-pub async fn run(mut broker: Broker, mut rx: mpsc::Receiver<RouterMsg>, metrics: Arc<Metrics>) {
-    let mut outboxes: HashMap<ConnId, Arc<Outbox>> = HashMap::new();
-    let mut seen = Seen::default();
+/// The instance's link to the store.
+pub struct StoreLink {
+    pub persistence: Arc<Persistence>,
+    pub instance: String,
+}
+
+/// Results of submitted store batches, in submission order.
+type Commit = (u64, Result<(), StoreError>);
+
+struct Router {
+    outboxes: HashMap<ConnId, Arc<Outbox>>,
+    metrics: Arc<Metrics>,
+    seen: Seen,
+    store: Option<StoreLink>,
+    commit_tx: mpsc::Sender<Commit>,
+    /// Answers waiting for their store batch, in order: (batch, output).
+    held: VecDeque<(u64, Output)>,
+    /// Per connection: how many held outputs, and the batch of the last one.
+    held_conns: HashMap<ConnId, (usize, u64)>,
+    /// The number the next submitted batch will get.
+    next_batch: u64,
+    /// The last batch submitted.
+    submitted: u64,
+    /// The last batch reported durable (or failed).
+    committed: u64,
+}
+
+pub async fn run(
+    mut broker: Broker,
+    mut rx: mpsc::Receiver<RouterMsg>,
+    metrics: Arc<Metrics>,
+    store: Option<StoreLink>,
+) {
+    let (commit_tx, mut commit_rx) = mpsc::channel::<Commit>(1024);
+    let mut r = Router {
+        outboxes: HashMap::new(),
+        metrics,
+        seen: Seen::default(),
+        store,
+        commit_tx,
+        held: VecDeque::new(),
+        held_conns: HashMap::new(),
+        next_batch: 1,
+        submitted: 0,
+        committed: 0,
+    };
     let mut batch = Vec::with_capacity(256);
     loop {
         let deadline = broker.poll_timeout();
-        let received = tokio::select! {
-            n = rx.recv_many(&mut batch, 256) => n,
-            _ = sleep_until(deadline) => {
-                broker.handle_timeout(Instant::now());
-                dispatch(&mut broker, &mut outboxes, &metrics, &mut seen);
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 256) => {
+                if n == 0 {
+                    return;
+                }
+            }
+            Some((n, result)) = commit_rx.recv() => {
+                r.release(n, result);
                 continue;
             }
-        };
-        if received == 0 {
-            return;
+            _ = sleep_until(deadline) => {
+                broker.handle_timeout(Instant::now());
+                r.dispatch(&mut broker);
+                r.submit(&mut broker);
+                continue;
+            }
         }
         let now = Instant::now();
         for msg in batch.drain(..) {
@@ -76,10 +138,10 @@ pub async fn run(mut broker: Broker, mut rx: mpsc::Receiver<RouterMsg>, metrics:
                     outbox,
                     reply,
                 } => {
-                    outboxes.insert(conn, outbox);
+                    r.outboxes.insert(conn, outbox);
                     let accepted = broker.connect_with(conn, *connect, grant, now);
                     // Outputs (CONNACK first) must reach the outbox before the driver resumes.
-                    dispatch(&mut broker, &mut outboxes, &metrics, &mut seen);
+                    r.dispatch(&mut broker);
                     let _ = reply.send(accepted);
                 }
                 RouterMsg::Packet { conn, packet } => broker.handle(conn, packet, now),
@@ -94,11 +156,19 @@ pub async fn run(mut broker: Broker, mut rx: mpsc::Receiver<RouterMsg>, metrics:
                 RouterMsg::Run(operation) => operation(&mut broker, now),
                 RouterMsg::Lost { conn } => {
                     broker.connection_lost(conn, now);
-                    outboxes.remove(&conn);
+                    r.outboxes.remove(&conn);
                 }
                 RouterMsg::Shutdown { done } => {
                     broker.shutdown(now);
-                    dispatch(&mut broker, &mut outboxes, &metrics, &mut seen);
+                    r.dispatch(&mut broker);
+                    r.submit(&mut broker);
+                    // Let the last batches become durable so their answers go out.
+                    while r.committed < r.submitted {
+                        match commit_rx.recv().await {
+                            Some((n, result)) => r.release(n, result),
+                            None => break,
+                        }
+                    }
                     let _ = done.send(());
                     return;
                 }
@@ -107,7 +177,8 @@ pub async fn run(mut broker: Broker, mut rx: mpsc::Receiver<RouterMsg>, metrics:
         if broker.poll_timeout().is_some_and(|t| t <= now) {
             broker.handle_timeout(now);
         }
-        dispatch(&mut broker, &mut outboxes, &metrics, &mut seen);
+        r.dispatch(&mut broker);
+        r.submit(&mut broker);
     }
 }
 
@@ -127,54 +198,159 @@ struct Seen {
     retained: u64,
 }
 
-fn dispatch(
-    broker: &mut Broker,
-    outboxes: &mut HashMap<ConnId, Arc<Outbox>>,
-    metrics: &Metrics,
-    seen: &mut Seen,
-) {
-    for output in broker.drain_output() {
+fn output_conn(output: &Output) -> ConnId {
+    match output {
+        Output::Send { conn, .. }
+        | Output::SendDurable { conn, .. }
+        | Output::Close { conn, .. } => *conn,
+    }
+}
+
+impl Router {
+    fn holding(&self) -> bool {
+        self.store.as_ref().is_some_and(|s| s.persistence.sync)
+    }
+
+    fn hold(&mut self, batch: u64, output: Output) {
+        let conn = output_conn(&output);
+        let entry = self.held_conns.entry(conn).or_insert((0, batch));
+        entry.0 += 1;
+        entry.1 = entry.1.max(batch);
+        self.held.push_back((batch, output));
+    }
+
+    /// Sends (or holds) the core's outputs.
+    fn dispatch(&mut self, broker: &mut Broker) {
+        let outputs: Vec<Output> = broker.drain_output().collect();
+        let holding = self.holding();
+        for output in outputs {
+            let conn = output_conn(&output);
+            if holding {
+                if let Output::SendDurable { .. } = output {
+                    let batch = self.next_batch;
+                    self.hold(batch, output);
+                    continue;
+                }
+                if let Some(&(_, last)) = self.held_conns.get(&conn) {
+                    // Behind a held answer on the same connection: keep the order.
+                    self.hold(last, output);
+                    continue;
+                }
+            }
+            self.deliver(output);
+        }
+        self.update_metrics(broker);
+    }
+
+    fn deliver(&mut self, output: Output) {
         match output {
-            Output::Send { conn, packet } => {
-                if let Some(outbox) = outboxes.get(&conn) {
+            Output::Send { conn, packet } | Output::SendDurable { conn, packet } => {
+                if let Some(outbox) = self.outboxes.get(&conn) {
                     if !outbox.push(packet) {
-                        metrics.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.dropped_qos0.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
             Output::Close { conn, disconnect } => {
-                if let Some(outbox) = outboxes.remove(&conn) {
+                if let Some(outbox) = self.outboxes.remove(&conn) {
                     outbox.close(disconnect);
                 }
             }
         }
     }
-    let stats = broker.stats();
-    let add = |counter: &std::sync::atomic::AtomicU64, now: u64, before: u64| {
-        if now != before {
-            counter.fetch_add(now.wrapping_sub(before), Ordering::Relaxed);
+
+    /// Hands the core's store operations to the writer as one batch.
+    fn submit(&mut self, broker: &mut Broker) {
+        let Some(link) = &self.store else {
+            return;
+        };
+        let ops: Vec<_> = broker.drain_store_ops().collect();
+        if ops.is_empty() {
+            return;
         }
-    };
-    add(
-        &metrics.messages_received,
-        stats.messages_received,
-        seen.stats.messages_received,
-    );
-    add(
-        &metrics.messages_sent,
-        stats.messages_sent,
-        seen.stats.messages_sent,
-    );
-    add(
-        &metrics.dropped_queue_full,
-        stats.dropped_queue_full,
-        seen.stats.dropped_queue_full,
-    );
-    seen.stats = stats.clone();
-    let sessions = broker.session_count() as u64;
-    add(&metrics.sessions, sessions, seen.sessions);
-    seen.sessions = sessions;
-    let retained = broker.retained_count() as u64;
-    add(&metrics.retained, retained, seen.retained);
-    seen.retained = retained;
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        self.submitted = batch;
+        let tx = self.commit_tx.clone();
+        let result = link.persistence.encode(&link.instance, ops).and_then(|kv| {
+            link.persistence.writer.submit(
+                kv,
+                Box::new(move |result| {
+                    // The writer is a plain thread; the channel is deep enough never to fill.
+                    let _ = tx.blocking_send((batch, result));
+                }),
+            )
+        });
+        if let Err(e) = result {
+            self.release(batch, Err(e));
+        }
+    }
+
+    /// A batch is durable (or failed): send (or refuse) what waited for it.
+    fn release(&mut self, batch: u64, result: Result<(), StoreError>) {
+        self.committed = self.committed.max(batch);
+        if let Err(e) = &result {
+            error!(error = %e, "store write failed; closing the connections waiting for it");
+        }
+        let mut failed: Vec<ConnId> = Vec::new();
+        while self.held.front().is_some_and(|(b, _)| *b <= batch) {
+            let (_, output) = self.held.pop_front().expect("front exists");
+            let conn = output_conn(&output);
+            if let Some(entry) = self.held_conns.get_mut(&conn) {
+                entry.0 -= 1;
+                if entry.0 == 0 {
+                    self.held_conns.remove(&conn);
+                }
+            }
+            match &result {
+                Ok(()) => self.deliver(output),
+                Err(_) if failed.contains(&conn) => {}
+                Err(e) => {
+                    failed.push(conn);
+                    if let Some(outbox) = self.outboxes.remove(&conn) {
+                        outbox.close(Some(Disconnect {
+                            code: e.reason_code(),
+                            properties: Properties {
+                                reason_string: Some("the store could not write".into()),
+                                ..Default::default()
+                            },
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    fn update_metrics(&mut self, broker: &Broker) {
+        let metrics = &self.metrics;
+        let seen = &mut self.seen;
+        let stats = broker.stats();
+        let add = |counter: &std::sync::atomic::AtomicU64, now: u64, before: u64| {
+            if now != before {
+                counter.fetch_add(now.wrapping_sub(before), Ordering::Relaxed);
+            }
+        };
+        add(
+            &metrics.messages_received,
+            stats.messages_received,
+            seen.stats.messages_received,
+        );
+        add(
+            &metrics.messages_sent,
+            stats.messages_sent,
+            seen.stats.messages_sent,
+        );
+        add(
+            &metrics.dropped_queue_full,
+            stats.dropped_queue_full,
+            seen.stats.dropped_queue_full,
+        );
+        seen.stats = stats.clone();
+        let sessions = broker.session_count() as u64;
+        add(&metrics.sessions, sessions, seen.sessions);
+        seen.sessions = sessions;
+        let retained = broker.retained_count() as u64;
+        add(&metrics.retained, retained, seen.retained);
+        seen.retained = retained;
+    }
 }

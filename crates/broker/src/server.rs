@@ -4,6 +4,7 @@ use crate::auth::Authenticator;
 use crate::control::Control;
 use crate::instances::Instances;
 use crate::metrics::Metrics;
+use crate::persist::Persistence;
 use crate::{connection, Shared};
 use ferry_core::{Acl, Limits};
 use ferry_meta::{Meta, Profile};
@@ -89,8 +90,18 @@ impl Server {
         Self::start_with_meta(config, meta).await
     }
 
-    /// Binds the listener and starts serving the instances of `meta`.
+    /// Binds the listener and starts serving the instances of `meta`, in memory.
     pub async fn start_with_meta(config: Config, meta: Arc<Meta>) -> io::Result<Server> {
+        Self::start_with_store(config, meta, None).await
+    }
+
+    /// Binds the listener and starts serving the instances of `meta`; with `persistence`,
+    /// persistent sessions and retained messages are stored and restored at start.
+    pub async fn start_with_store(
+        config: Config,
+        meta: Arc<Meta>,
+        persistence: Option<Arc<Persistence>>,
+    ) -> io::Result<Server> {
         meta.instance(&config.default_instance).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -107,7 +118,16 @@ impl Server {
             config.acl.clone(),
             config.router_queue,
             metrics.clone(),
+            persistence.clone(),
         ));
+        if persistence.is_some() {
+            // Stored sessions must exist (and queue messages) before their clients come back.
+            for instance in instances.meta.instances() {
+                instances
+                    .router(&instance.id)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+            }
+        }
         let slots = Arc::new(Semaphore::new(config.max_connections));
         let shared = Arc::new(Shared {
             config,

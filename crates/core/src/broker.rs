@@ -10,6 +10,7 @@
 
 use crate::acl::{Acl, Action, Permissions, TopicPolicy};
 use crate::message::{Message, SharedMessage};
+use crate::persist::{MessageState, SessionRecord, StoreOp, StoredMessage};
 use crate::retained::{MemoryRetained, RetainedStore};
 use crate::session::{
     Delivery, Inflight, MemorySessions, OutState, PendingWill, Session, SessionRegistry, Will,
@@ -84,6 +85,9 @@ impl Default for Limits {
 pub enum Output {
     /// Write `packet` to connection `conn`.
     Send { conn: ConnId, packet: Packet },
+    /// Write `packet` to `conn` once every [`StoreOp`] emitted so far is durable (an
+    /// acknowledgement that promises something stored). Without persistence, same as `Send`.
+    SendDurable { conn: ConnId, packet: Packet },
     /// Write the DISCONNECT (if any), flush, and close `conn`. The core has already forgotten
     /// the connection.
     Close {
@@ -164,6 +168,9 @@ pub struct Broker {
     limits: Limits,
     acl: Acl,
     policy: Option<Arc<dyn TopicPolicy>>,
+    /// Emit [`StoreOp`]s for persistent sessions and retained messages.
+    persistent: bool,
+    store_ops: Vec<StoreOp>,
     sessions: Box<dyn SessionRegistry>,
     retained: Box<dyn RetainedStore>,
     subscriptions: SubscriptionTree,
@@ -206,6 +213,8 @@ impl Broker {
             limits,
             acl,
             policy: None,
+            persistent: false,
+            store_ops: Vec::new(),
             sessions,
             retained,
             subscriptions: SubscriptionTree::new(),
@@ -223,6 +232,17 @@ impl Broker {
     pub fn with_policy(mut self, policy: Arc<dyn TopicPolicy>) -> Self {
         self.policy = Some(policy);
         self
+    }
+
+    /// Turns persistence on: the core emits [`StoreOp`]s ([`Broker::drain_store_ops`]).
+    pub fn with_persistence(mut self) -> Self {
+        self.persistent = true;
+        self
+    }
+
+    /// Store operations emitted so far, in order.
+    pub fn drain_store_ops(&mut self) -> std::vec::Drain<'_, StoreOp> {
+        self.store_ops.drain(..)
     }
 
     pub fn limits(&self) -> &Limits {
@@ -280,6 +300,7 @@ impl Broker {
         grant: ClientGrant,
         now: Instant,
     ) -> Option<Accepted> {
+        let ops_before = self.store_ops.len();
         let protocol = connect.protocol;
         let v5 = protocol.is_v5();
         let refuse = |b: &mut Self, code: ReasonCode, reason: &str| {
@@ -482,7 +503,16 @@ impl Broker {
                 p.retain_available = Some(0);
             }
         }
-        self.send(conn, Packet::ConnAck(ack));
+        self.save_session(sid);
+        if self.store_ops.len() == ops_before {
+            self.send(conn, Packet::ConnAck(ack));
+        } else {
+            // The session (or the end of the previous one) is being stored: confirm it after.
+            self.out.push(Output::SendDurable {
+                conn,
+                packet: Packet::ConnAck(ack),
+            });
+        }
         if session_present {
             self.resume(sid, conn, now);
         }
@@ -530,10 +560,19 @@ impl Broker {
             });
         }
         if !too_large.is_empty() {
-            session
-                .inflight
-                .retain(|i| !too_large.contains(&i.packet_id));
+            let client_id = session.client_id.clone();
+            let mut seqs = Vec::new();
+            session.inflight.retain(|i| {
+                let keep = !too_large.contains(&i.packet_id);
+                if !keep {
+                    seqs.push(i.delivery.seq);
+                }
+                keep
+            });
             self.stats.dropped_too_large += too_large.len() as u64;
+            for seq in seqs {
+                self.forget_message(client_id.clone(), seq);
+            }
         }
         for packet in packets {
             self.send(conn, packet);
@@ -547,6 +586,23 @@ impl Broker {
     /// Handles a packet from connection `conn` after its CONNECT was accepted. PINGREQ, AUTH
     /// and topic aliases are dealt with by [`crate::conn::Connection`] before this.
     pub fn handle(&mut self, conn: ConnId, packet: Packet, now: Instant) {
+        let ops_before = self.store_ops.len();
+        let out_before = self.out.len();
+        self.handle_packet(conn, packet, now);
+        if self.store_ops.len() > ops_before {
+            // What this packet changed is being stored: the answers to it wait for that.
+            for output in &mut self.out[out_before..] {
+                if let Output::Send { conn: c, packet } = output {
+                    if *c == conn {
+                        let packet = std::mem::replace(packet, Packet::PingResp);
+                        *output = Output::SendDurable { conn, packet };
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_packet(&mut self, conn: ConnId, packet: Packet, now: Instant) {
         let Some(state) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -556,27 +612,51 @@ impl Broker {
         match packet {
             Packet::Publish(p) => self.handle_publish(conn, p, now),
             Packet::PubAck(ack) => {
+                let mut done = None;
                 if let Some(s) = self.sessions.get_mut(sid) {
                     if let Some(i) = s.find_inflight(ack.packet_id) {
                         if s.inflight[i].state == OutState::Published
                             && s.inflight[i].delivery.qos == QoS::AtLeastOnce
                         {
-                            s.inflight.remove(i);
+                            let removed = s.inflight.remove(i).expect("index found");
+                            done = Some((s.client_id.clone(), removed.delivery.seq));
                         }
                     }
+                }
+                if let Some((client_id, seq)) = done {
+                    self.forget_message(client_id, seq);
                 }
                 self.flush(sid, now);
             }
             Packet::PubRec(rec) => {
                 let mut reply = None;
+                let persistent = self.persistent;
                 if let Some(s) = self.sessions.get_mut(sid) {
                     match s.find_inflight(rec.packet_id) {
                         Some(i) if s.inflight[i].delivery.qos == QoS::ExactlyOnce => {
+                            let stored = persistent && s.inflight[i].delivery.seq != 0;
                             if rec.code.is_error() {
                                 // The receiver refused it: the exchange ends here.
-                                s.inflight.remove(i);
+                                let removed = s.inflight.remove(i).expect("index found");
+                                if stored {
+                                    self.store_ops.push(StoreOp::MessageDeleted {
+                                        client_id: s.client_id.clone(),
+                                        seq: removed.delivery.seq,
+                                    });
+                                }
                             } else {
                                 s.inflight[i].state = OutState::Released;
+                                if stored {
+                                    self.store_ops.push(StoreOp::Message {
+                                        client_id: s.client_id.clone(),
+                                        seq: s.inflight[i].delivery.seq,
+                                        message: StoredMessage {
+                                            delivery: s.inflight[i].delivery.clone(),
+                                            state: MessageState::Released,
+                                            packet_id: rec.packet_id,
+                                        },
+                                    });
+                                }
                                 reply = Some(PubAck::new(rec.packet_id));
                             }
                         }
@@ -601,6 +681,9 @@ impl Broker {
                     .sessions
                     .get_mut(sid)
                     .is_some_and(|s| s.incoming_qos2.remove(&rel.packet_id));
+                if known {
+                    self.save_session(sid);
+                }
                 let code = if known || !v5 {
                     ReasonCode::SUCCESS
                 } else {
@@ -612,12 +695,17 @@ impl Broker {
                 );
             }
             Packet::PubComp(comp) => {
+                let mut done = None;
                 if let Some(s) = self.sessions.get_mut(sid) {
                     if let Some(i) = s.find_inflight(comp.packet_id) {
                         if s.inflight[i].state == OutState::Released {
-                            s.inflight.remove(i);
+                            let removed = s.inflight.remove(i).expect("index found");
+                            done = Some((s.client_id.clone(), removed.delivery.seq));
                         }
                     }
+                }
+                if let Some((client_id, seq)) = done {
+                    self.forget_message(client_id, seq);
                 }
                 self.flush(sid, now);
             }
@@ -730,6 +818,7 @@ impl Broker {
                 return;
             }
             session.incoming_qos2.insert(packet_id);
+            self.save_session(sid);
         }
         let client_id = self
             .sessions
@@ -756,9 +845,16 @@ impl Broker {
     fn publish_shared(&mut self, msg: SharedMessage, now: Instant) {
         if msg.retain {
             if msg.payload.is_empty() {
-                self.retained.remove(&msg.topic);
+                if self.retained.remove(&msg.topic) && self.persistent {
+                    self.store_ops.push(StoreOp::RetainedDeleted {
+                        topic: msg.topic.clone(),
+                    });
+                }
             } else {
                 self.retained.insert(msg.clone());
+                if self.persistent {
+                    self.store_ops.push(StoreOp::Retained(msg.clone()));
+                }
             }
         }
         self.route(msg, now);
@@ -777,6 +873,7 @@ impl Broker {
                         msg: msg.clone(),
                         retain: false,
                         sub_ids: Vec::new(),
+                        seq: 0,
                     };
                     self.deliver(sid, delivery, now);
                 }
@@ -833,6 +930,7 @@ impl Broker {
                     msg: msg.clone(),
                     retain,
                     sub_ids,
+                    seq: 0,
                 };
                 self.deliver(sid, delivery, now);
             }
@@ -846,6 +944,7 @@ impl Broker {
         let Some(session) = self.sessions.get_mut(sid) else {
             return;
         };
+        let stored = self.persistent && session.expiry_interval > 0;
         let Some(conn) = session.conn else {
             if delivery.qos == QoS::AtMostOnce {
                 return;
@@ -855,6 +954,7 @@ impl Broker {
                 self.stats.dropped_queue_full += 1;
                 return;
             }
+            let delivery = store_queued(session, delivery, stored, &mut self.store_ops);
             session.pending.push_back(delivery);
             return;
         };
@@ -870,24 +970,56 @@ impl Broker {
             session.dropped += 1;
             self.stats.dropped_queue_full += 1;
         } else {
+            let delivery = store_queued(session, delivery, stored, &mut self.store_ops);
             session.pending.push_back(delivery);
         }
     }
 
     /// Sends a QoS 1/2 delivery with a fresh packet id and records it in flight. A message larger
     /// than the client's maximum packet size is dropped instead (§3.1.2.11.4).
-    fn start_inflight(&mut self, sid: SessionId, conn: ConnId, delivery: Delivery, now: Instant) {
+    fn start_inflight(
+        &mut self,
+        sid: SessionId,
+        conn: ConnId,
+        mut delivery: Delivery,
+        now: Instant,
+    ) {
         let state = &self.conns[&conn];
         let mut publish = build_publish(&delivery, state.protocol, now);
-        if Packet::Publish(publish.clone()).encoded_len(state.protocol)
-            > state.max_packet_size as usize
-        {
-            self.stats.dropped_too_large += 1;
-            return;
+        if state.max_packet_size != u32::MAX {
+            let packet = Packet::Publish(publish);
+            let too_large = packet.encoded_len(state.protocol) > state.max_packet_size as usize;
+            let Packet::Publish(p) = packet else {
+                unreachable!()
+            };
+            publish = p;
+            if too_large {
+                self.stats.dropped_too_large += 1;
+                let session = self.sessions.get(sid).expect("session");
+                let client_id = session.client_id.clone();
+                self.forget_message(client_id, delivery.seq);
+                return;
+            }
         }
+        let persistent = self.persistent;
         let session = self.sessions.get_mut(sid).expect("session");
         let packet_id = session.next_packet_id();
         publish.packet_id = packet_id;
+        if persistent && session.expiry_interval > 0 {
+            if delivery.seq == 0 {
+                delivery.seq = session.next_seq;
+                session.next_seq += 1;
+            }
+            self.store_ops.push(StoreOp::Message {
+                client_id: session.client_id.clone(),
+                seq: delivery.seq,
+                message: StoredMessage {
+                    delivery: delivery.clone(),
+                    state: MessageState::Published,
+                    packet_id,
+                },
+            });
+        }
         session.inflight.push_back(Inflight {
             packet_id,
             delivery,
@@ -928,6 +1060,8 @@ impl Broker {
             };
             if delivery.msg.is_expired(now) {
                 self.stats.dropped_expired += 1;
+                let client_id = session.client_id.clone();
+                self.forget_message(client_id, delivery.seq);
                 continue;
             }
             self.start_inflight(sid, conn, delivery, now);
@@ -1003,6 +1137,7 @@ impl Broker {
                 retained_for.push((parsed.filter.to_string(), subscription));
             }
         }
+        self.save_session(sid);
         self.send(
             conn,
             Packet::SubAck(SubAck {
@@ -1021,6 +1156,7 @@ impl Broker {
                     retain: true,
                     sub_ids: subscription.id.into_iter().collect(),
                     msg,
+                    seq: 0,
                 };
                 self.deliver(sid, delivery, now);
             }
@@ -1049,6 +1185,7 @@ impl Broker {
             };
             codes.push(code);
         }
+        self.save_session(sid);
         self.send(
             conn,
             Packet::UnsubAck(UnsubAck {
@@ -1119,10 +1256,13 @@ impl Broker {
         }
         if expiry == 0 {
             self.end_session(sid, now);
-        } else if expiry != u32::MAX {
-            let at = now + Duration::from_secs(u64::from(expiry));
-            session.expires_at = Some(at);
-            self.timers.push(Reverse((at, Timer::SessionExpiry(sid))));
+        } else {
+            if expiry != u32::MAX {
+                let at = now + Duration::from_secs(u64::from(expiry));
+                session.expires_at = Some(at);
+                self.timers.push(Reverse((at, Timer::SessionExpiry(sid))));
+            }
+            self.save_session(sid);
         }
         if let Some(will) = will_now {
             let msg = will.publish(now);
@@ -1135,6 +1275,11 @@ impl Broker {
         let Some(session) = self.sessions.remove(sid) else {
             return;
         };
+        if self.persistent {
+            self.store_ops.push(StoreOp::SessionDeleted {
+                client_id: session.client_id.clone(),
+            });
+        }
         for raw in session.subscriptions.keys() {
             if let Ok(parsed) = topic::parse_filter(raw) {
                 self.subscriptions
@@ -1177,6 +1322,97 @@ impl Broker {
                 }
             }
         }
+    }
+
+    /// Stores the persistent part of a session (if it is persistent).
+    fn save_session(&mut self, sid: SessionId) {
+        if !self.persistent {
+            return;
+        }
+        let Some(s) = self.sessions.get(sid) else {
+            return;
+        };
+        if s.expiry_interval == 0 {
+            return;
+        }
+        let mut subscriptions: Vec<_> = s
+            .subscriptions
+            .iter()
+            .map(|(f, sub)| (f.clone(), *sub))
+            .collect();
+        subscriptions.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut incoming_qos2: Vec<u16> = s.incoming_qos2.iter().copied().collect();
+        incoming_qos2.sort_unstable();
+        self.store_ops.push(StoreOp::Session(SessionRecord {
+            client_id: s.client_id.clone(),
+            expiry_interval: s.expiry_interval,
+            disconnected_at: if s.conn.is_some() {
+                None
+            } else {
+                s.disconnected_at
+            },
+            subscriptions,
+            incoming_qos2,
+        }));
+    }
+
+    /// A stored message was delivered, refused or dropped: it leaves the store.
+    fn forget_message(&mut self, client_id: ByteStr, seq: u64) {
+        if self.persistent && seq != 0 {
+            self.store_ops
+                .push(StoreOp::MessageDeleted { client_id, seq });
+        }
+    }
+
+    /// Rebuilds a stored persistent session at start-up (disconnected). `messages` are its
+    /// stored messages in `seq` order. Sessions whose expiry passed while the server was down
+    /// end at once.
+    pub fn restore_session(
+        &mut self,
+        record: SessionRecord,
+        messages: Vec<(u64, StoredMessage)>,
+        now: Instant,
+    ) {
+        let sid = self.create_session(record.client_id.clone());
+        let disconnected_at = record.disconnected_at.unwrap_or(now);
+        let session = self.sessions.get_mut(sid).expect("just created");
+        session.expiry_interval = record.expiry_interval;
+        session.disconnected_at = Some(disconnected_at);
+        session.incoming_qos2 = record.incoming_qos2.into_iter().collect();
+        session.next_seq = messages.last().map_or(1, |(seq, _)| seq + 1);
+        for (seq, stored) in messages {
+            let mut delivery = stored.delivery;
+            delivery.seq = seq;
+            match stored.state {
+                MessageState::Queued => session.pending.push_back(delivery),
+                state => session.inflight.push_back(Inflight {
+                    packet_id: stored.packet_id,
+                    delivery,
+                    state: if state == MessageState::Released {
+                        OutState::Released
+                    } else {
+                        OutState::Published
+                    },
+                }),
+            }
+        }
+        for (raw, sub) in &record.subscriptions {
+            if let Ok(parsed) = topic::parse_filter(raw) {
+                self.subscriptions
+                    .insert(parsed.filter, parsed.share_group, sid, *sub);
+                session.subscriptions.insert(raw.clone(), *sub);
+            }
+        }
+        if record.expiry_interval != u32::MAX {
+            let at = disconnected_at + Duration::from_secs(u64::from(record.expiry_interval));
+            session.expires_at = Some(at);
+            self.timers.push(Reverse((at, Timer::SessionExpiry(sid))));
+        }
+    }
+
+    /// Puts back a stored retained message at start-up.
+    pub fn restore_retained(&mut self, msg: Message) {
+        self.retained.insert(Arc::new(msg));
     }
 
     fn policy_allows(&self, topic: &str, is_filter: bool) -> bool {
@@ -1286,6 +1522,31 @@ impl Broker {
             self.detach(conn, false, now);
         }
     }
+}
+
+/// Gives a delivery queued for a stored session its log position and stores it.
+fn store_queued(
+    session: &mut Session,
+    mut delivery: Delivery,
+    stored: bool,
+    ops: &mut Vec<StoreOp>,
+) -> Delivery {
+    if stored {
+        if delivery.seq == 0 {
+            delivery.seq = session.next_seq;
+            session.next_seq += 1;
+        }
+        ops.push(StoreOp::Message {
+            client_id: session.client_id.clone(),
+            seq: delivery.seq,
+            message: StoredMessage {
+                delivery: delivery.clone(),
+                state: MessageState::Queued,
+                packet_id: 0,
+            },
+        });
+    }
+    delivery
 }
 
 /// The client id of a P2P topic `<parent>/p2p/<clientId>`.

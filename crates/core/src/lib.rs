@@ -19,6 +19,7 @@ pub mod acl;
 pub mod broker;
 pub mod conn;
 pub mod message;
+pub mod persist;
 pub mod retained;
 pub mod session;
 pub mod topic;

@@ -17,6 +17,8 @@ pub struct Delivery {
     pub qos: QoS,
     pub retain: bool,
     pub sub_ids: Vec<u32>,
+    /// Position in the session's stored message log; 0 when not stored.
+    pub seq: u64,
 }
 
 /// Where an outgoing QoS 1/2 message stands.
@@ -87,6 +89,8 @@ pub struct Session {
     pub disconnected_at: Option<Instant>,
     /// Messages dropped because the queue was full.
     pub dropped: u64,
+    /// The next position in the stored message log (persistent sessions).
+    pub next_seq: u64,
 }
 
 impl Session {
@@ -105,6 +109,7 @@ impl Session {
             pending_will: None,
             disconnected_at: None,
             dropped: 0,
+            next_seq: 1,
         }
     }
 

@@ -13,8 +13,13 @@ use std::time::Duration;
 #[serde(deny_unknown_fields)]
 pub struct File {
     pub log_level: Option<String>,
-    /// Where Ferry keeps its files (the admin key, the API endpoint for `ferry ctl`).
+    /// Where Ferry keeps its files (the store, the admin key, the API endpoint for `ferry ctl`).
     pub data_dir: Option<std::path::PathBuf>,
+    /// `sync` (default): QoS 1/2 messages for persistent sessions and retained messages are
+    /// acknowledged only once on disk. `async`: acknowledged once written to the store's
+    /// journal, before it reaches the disk — faster, and a crash can lose the last moments of
+    /// acknowledged messages.
+    pub durability: Option<String>,
     #[serde(default)]
     pub api: Api,
     /// Instances to create at start if they do not exist yet (the default one always is).
@@ -156,6 +161,14 @@ fn permission(value: &str, field: &str) -> Result<bool> {
 }
 
 impl File {
+    pub fn durability(&self) -> Result<ferry_store::Durability> {
+        match self.durability.as_deref() {
+            None | Some("sync") => Ok(ferry_store::Durability::Sync),
+            Some("async") => Ok(ferry_store::Durability::Async),
+            Some(other) => bail!("durability: expected \"sync\" or \"async\", got {other:?}"),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<File> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;

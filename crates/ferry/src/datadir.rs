@@ -49,14 +49,19 @@ pub fn admin_key(dir: &Path, meta: &Meta) -> Result<Option<(AdminKey, PathBuf)>>
             .with_context(|| format!("cannot read {}", path.display()))?;
         let file: KeyFile = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid admin key file", path.display()))?;
-        meta.insert_admin_key(AdminKey {
-            access_key_id: file.access_key_id,
-            secret: file.access_key_secret,
-            created_at: ferry_meta::now_ms(),
-        });
+        if meta.admin_secret(&file.access_key_id).is_none() {
+            meta.insert_admin_key(AdminKey {
+                access_key_id: file.access_key_id,
+                secret: file.access_key_secret,
+                created_at: ferry_meta::now_ms(),
+            })
+            .map_err(|e| anyhow::anyhow!("cannot store the admin key: {e}"))?;
+        }
         return Ok(None);
     }
-    let key = meta.create_admin_key(ferry_meta::now_ms());
+    let key = meta
+        .create_admin_key(ferry_meta::now_ms())
+        .map_err(|e| anyhow::anyhow!("cannot store the admin key: {e}"))?;
     let file = KeyFile {
         access_key_id: key.access_key_id.clone(),
         access_key_secret: key.secret.clone(),

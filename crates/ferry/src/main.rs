@@ -123,16 +123,29 @@ fn serve(args: ServeArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(datadir::DEFAULT_DIR));
     datadir::ensure(&data_dir)?;
-    let meta = std::sync::Arc::new(ferry_meta::Meta::new());
+    let durability = file.durability()?;
+    let store_dir = data_dir.join("store");
+    let engine: std::sync::Arc<dyn ferry_store::Engine> = std::sync::Arc::new(
+        ferry_store::FjallEngine::open(&store_dir)
+            .with_context(|| format!("cannot open the store in {}", store_dir.display()))?,
+    );
+    let meta = std::sync::Arc::new(
+        ferry_meta::Meta::with_store(std::sync::Arc::new(ferry_broker::persist::MetaDocuments {
+            engine: engine.clone(),
+        }))
+        .map_err(|e| anyhow::anyhow!("cannot load the metadata: {e}"))?,
+    );
     let now = ferry_meta::now_ms();
-    meta.create_instance(
-        &runtime_config.default_instance,
-        "default",
-        ferry_meta::Profile::Standard,
-        None,
-        now,
-    )
-    .map_err(|e| anyhow::anyhow!("default instance: {e}"))?;
+    if meta.instance(&runtime_config.default_instance).is_err() {
+        meta.create_instance(
+            &runtime_config.default_instance,
+            "default",
+            ferry_meta::Profile::Standard,
+            None,
+            now,
+        )
+        .map_err(|e| anyhow::anyhow!("default instance: {e}"))?;
+    }
     for inst in &file.instances {
         if meta.instance(&inst.id).is_err() {
             meta.create_instance(&inst.id, &inst.name, inst.profile, None, now)
@@ -146,9 +159,16 @@ fn serve(args: ServeArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let listen = runtime_config.listen;
-        let server = ferry_broker::Server::start_with_meta(runtime_config, meta.clone())
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
+        let persistence = std::sync::Arc::new(ferry_broker::persist::Persistence {
+            writer: ferry_store::Writer::start(engine.clone(), durability, 64),
+            engine,
+            sync: durability == ferry_store::Durability::Sync,
+            clock: ferry_broker::persist::Clock::now(),
+        });
+        let server =
+            ferry_broker::Server::start_with_store(runtime_config, meta.clone(), Some(persistence))
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
         let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
         let mut api_task = None;
         let mut api_url = None;

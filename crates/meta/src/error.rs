@@ -14,6 +14,8 @@ pub enum ErrorKind {
     Limit,
     /// Credentials missing or wrong (HTTP 401/403).
     Unauthorized,
+    /// The server failed (e.g. the store refused a write) (HTTP 500).
+    Internal,
 }
 
 /// A failed operation: `code` is the cloud's error code, `message` says what and why.
@@ -55,6 +57,14 @@ impl MetaError {
         }
     }
 
+    pub fn internal(message: impl Into<String>) -> Self {
+        MetaError {
+            kind: ErrorKind::Internal,
+            code: "InternalError",
+            message: message.into(),
+        }
+    }
+
     /// The HTTP status the REST API answers with.
     pub fn http_status(&self) -> u16 {
         match self.kind {
@@ -62,6 +72,7 @@ impl MetaError {
             ErrorKind::NotFound => 404,
             ErrorKind::Conflict => 409,
             ErrorKind::Unauthorized => 401,
+            ErrorKind::Internal => 500,
         }
     }
 }

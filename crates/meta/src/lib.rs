@@ -23,7 +23,7 @@ pub mod validate;
 pub use auth::{AuthMode, Authenticated, Permissions};
 pub use error::{ErrorKind, MetaError};
 pub use model::*;
-pub use registry::Meta;
+pub use registry::{Meta, MetaStore};
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {

@@ -108,7 +108,7 @@ pub enum KeyPermission {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessKey {
     pub access_key_id: String,
-    #[serde(skip_serializing)]
+    #[serde(skip_serializing, default)]
     pub secret: String,
     pub permission: KeyPermission,
     /// Topic filters the key is narrowed to; empty = the whole instance.
@@ -120,7 +120,7 @@ pub struct AccessKey {
 pub struct DeviceCredential {
     pub client_id: String,
     pub device_access_key_id: String,
-    #[serde(skip_serializing)]
+    #[serde(skip_serializing, default)]
     pub device_access_key_secret: String,
     pub created_at: u64,
     pub updated_at: u64,
@@ -176,7 +176,7 @@ pub struct Token {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminKey {
     pub access_key_id: String,
-    #[serde(skip_serializing)]
+    #[serde(skip_serializing, default)]
     pub secret: String,
     pub created_at: u64,
 }

@@ -15,7 +15,7 @@ use std::sync::RwLock;
 pub const TOKEN_MIN_TTL_MS: u64 = 60_000;
 pub const TOKEN_MAX_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 struct Tenant {
     instance: Option<Instance>,
     topics: BTreeMap<String, ParentTopic>,
@@ -32,10 +32,81 @@ struct State {
     admin_keys: BTreeMap<String, AdminKey>,
 }
 
+/// Where [`Meta`] writes through to, so that metadata survives restarts. Values are opaque
+/// JSON documents; each `put` must be durable when it returns.
+pub trait MetaStore: Send + Sync {
+    fn put(&self, key: &str, value: Vec<u8>) -> Result<(), String>;
+    fn delete(&self, key: &str) -> Result<(), String>;
+    /// Every stored document, for loading at start-up.
+    fn load(&self) -> Result<Vec<(String, Vec<u8>)>, String>;
+}
+
+/// What a write touched, to be written through.
+enum Touched<'a> {
+    Tenant(&'a str),
+    Admin,
+    All,
+}
+
 /// All metadata. Cheap to read from many threads; writes are rare.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Meta {
     state: RwLock<State>,
+    store: Option<std::sync::Arc<dyn MetaStore>>,
+}
+
+impl std::fmt::Debug for Meta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meta")
+            .field("persistent", &self.store.is_some())
+            .finish()
+    }
+}
+
+/// The stored form of a tenant: its resources with their secrets (which the API types never
+/// serialize).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredTenant {
+    tenant: Tenant,
+    key_secrets: BTreeMap<String, String>,
+    credential_secrets: BTreeMap<String, String>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAdmin {
+    keys: Vec<AdminKey>,
+    secrets: BTreeMap<String, String>,
+}
+
+const TENANT_PREFIX: &str = "tenant/";
+const ADMIN_KEY: &str = "admin-keys";
+
+fn encode_tenant(t: &Tenant) -> Vec<u8> {
+    let stored = StoredTenant {
+        tenant: t.clone(),
+        key_secrets: t
+            .keys
+            .iter()
+            .map(|(id, k)| (id.clone(), k.secret.clone()))
+            .collect(),
+        credential_secrets: t
+            .credentials
+            .iter()
+            .map(|(id, c)| (id.clone(), c.device_access_key_secret.clone()))
+            .collect(),
+    };
+    serde_json::to_vec(&stored).expect("metadata serializes")
+}
+
+fn decode_tenant(raw: &[u8]) -> Result<Tenant, String> {
+    let mut stored: StoredTenant = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
+    for (id, key) in stored.tenant.keys.iter_mut() {
+        key.secret = stored.key_secrets.remove(id).unwrap_or_default();
+    }
+    for (id, cred) in stored.tenant.credentials.iter_mut() {
+        cred.device_access_key_secret = stored.credential_secrets.remove(id).unwrap_or_default();
+    }
+    Ok(stored.tenant)
 }
 
 fn random_id(prefix: &str, bytes: usize) -> String {
@@ -64,12 +135,109 @@ impl Meta {
         Self::default()
     }
 
+    /// Metadata that writes through to `store`, loaded from it.
+    pub fn with_store(store: std::sync::Arc<dyn MetaStore>) -> Result<Self, MetaError> {
+        let mut state = State::default();
+        let docs = store.load().map_err(MetaError::internal)?;
+        for (key, raw) in docs {
+            if let Some(id) = key.strip_prefix(TENANT_PREFIX) {
+                let tenant = decode_tenant(&raw)
+                    .map_err(|e| MetaError::internal(format!("stored instance {id:?}: {e}")))?;
+                state.tenants.insert(id.to_string(), tenant);
+            } else if key == ADMIN_KEY {
+                let mut admin: StoredAdmin = serde_json::from_slice(&raw)
+                    .map_err(|e| MetaError::internal(format!("stored admin keys: {e}")))?;
+                for mut k in admin.keys {
+                    k.secret = admin.secrets.remove(&k.access_key_id).unwrap_or_default();
+                    state.admin_keys.insert(k.access_key_id.clone(), k);
+                }
+            }
+        }
+        Ok(Meta {
+            state: RwLock::new(state),
+            store: Some(store),
+        })
+    }
+
     fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.state.read().expect("meta lock"))
     }
 
-    fn write<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
-        f(&mut self.state.write().expect("meta lock"))
+    /// Runs a change; with a store, what it touched is written through before the change is
+    /// reported, and undone in memory if the store refuses it.
+    fn write<T>(
+        &self,
+        touched: Touched<'_>,
+        f: impl FnOnce(&mut State) -> Result<T, MetaError>,
+    ) -> Result<T, MetaError> {
+        let mut state = self.state.write().expect("meta lock");
+        let Some(store) = &self.store else {
+            return f(&mut state);
+        };
+        let before_tenants = match touched {
+            Touched::Tenant(id) => Some(
+                state
+                    .tenants
+                    .get(id)
+                    .map(|t| vec![(id.to_string(), t.clone())])
+                    .unwrap_or_default(),
+            ),
+            Touched::All => Some(
+                state
+                    .tenants
+                    .iter()
+                    .map(|(id, t)| (id.clone(), t.clone()))
+                    .collect(),
+            ),
+            Touched::Admin => None,
+        };
+        let before_admin = matches!(touched, Touched::Admin).then(|| state.admin_keys.clone());
+        let value = f(&mut state)?;
+        let persisted = match touched {
+            Touched::Tenant(id) => Self::persist_tenant(store.as_ref(), &state, id),
+            Touched::All => state
+                .tenants
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .iter()
+                .try_for_each(|id| Self::persist_tenant(store.as_ref(), &state, id)),
+            Touched::Admin => {
+                let admin = StoredAdmin {
+                    keys: state.admin_keys.values().cloned().collect(),
+                    secrets: state
+                        .admin_keys
+                        .values()
+                        .map(|k| (k.access_key_id.clone(), k.secret.clone()))
+                        .collect(),
+                };
+                store.put(ADMIN_KEY, serde_json::to_vec(&admin).expect("serializes"))
+            }
+        };
+        if let Err(e) = persisted {
+            // Undo in memory what could not be stored.
+            if let Some(tenants) = before_tenants {
+                if let Touched::Tenant(id) = touched {
+                    state.tenants.remove(id);
+                }
+                for (id, t) in tenants {
+                    state.tenants.insert(id, t);
+                }
+            }
+            if let Some(admin) = before_admin {
+                state.admin_keys = admin;
+            }
+            return Err(MetaError::internal(format!("cannot store metadata: {e}")));
+        }
+        Ok(value)
+    }
+
+    fn persist_tenant(store: &dyn MetaStore, state: &State, id: &str) -> Result<(), String> {
+        let key = format!("{TENANT_PREFIX}{id}");
+        match state.tenants.get(id) {
+            Some(t) if t.instance.is_some() => store.put(&key, encode_tenant(t)),
+            _ => store.delete(&key),
+        }
     }
 
     fn tenant<'a>(state: &'a State, id: &str) -> Result<&'a Tenant, MetaError> {
@@ -114,7 +282,7 @@ impl Meta {
             settings: settings.unwrap_or_else(|| InstanceSettings::for_profile(profile)),
             created_at: now,
         };
-        self.write(|s| {
+        self.write(Touched::Tenant(id), |s| {
             if s.tenants.get(id).is_some_and(|t| t.instance.is_some()) {
                 return Err(MetaError::conflict(
                     "InstanceAlreadyExisted",
@@ -150,7 +318,7 @@ impl Meta {
         id: &str,
         settings: InstanceSettings,
     ) -> Result<Instance, MetaError> {
-        self.write(|s| {
+        self.write(Touched::Tenant(id), |s| {
             let t = Self::tenant_mut(s, id)?;
             let inst = t.instance.as_mut().expect("present");
             inst.settings = settings;
@@ -159,7 +327,7 @@ impl Meta {
     }
 
     pub fn delete_instance(&self, id: &str) -> Result<(), MetaError> {
-        self.write(|s| {
+        self.write(Touched::Tenant(id), |s| {
             Self::tenant(s, id)?;
             s.tenants.remove(id);
             Ok(())
@@ -176,7 +344,7 @@ impl Meta {
         now: u64,
     ) -> Result<ParentTopic, MetaError> {
         validate::parent_topic(name)?;
-        self.write(|s| {
+        self.write(Touched::Tenant(instance), |s| {
             let t = Self::tenant_mut(s, instance)?;
             let max = t
                 .instance
@@ -216,7 +384,7 @@ impl Meta {
     }
 
     pub fn delete_topic(&self, instance: &str, name: &str) -> Result<(), MetaError> {
-        self.write(|s| {
+        self.write(Touched::Tenant(instance), |s| {
             Self::tenant_mut(s, instance)?
                 .topics
                 .remove(name)
@@ -249,7 +417,7 @@ impl Meta {
         now: u64,
     ) -> Result<Group, MetaError> {
         validate::group_id(group_id)?;
-        self.write(|s| {
+        self.write(Touched::Tenant(instance), |s| {
             let t = Self::tenant_mut(s, instance)?;
             if t.groups.contains_key(group_id) {
                 return Err(MetaError::conflict(
@@ -278,7 +446,7 @@ impl Meta {
 
     /// Deleting a group does not drop its connected clients; they fail on their next connect.
     pub fn delete_group(&self, instance: &str, group_id: &str) -> Result<(), MetaError> {
-        self.write(|s| {
+        self.write(Touched::Tenant(instance), |s| {
             Self::tenant_mut(s, instance)?
                 .groups
                 .remove(group_id)
@@ -315,7 +483,7 @@ impl Meta {
             topic_filters,
             created_at: now,
         };
-        self.write(|s| {
+        self.write(Touched::Tenant(instance), |s| {
             Self::tenant_mut(s, instance)?
                 .keys
                 .insert(key.access_key_id.clone(), key.clone());
@@ -328,7 +496,7 @@ impl Meta {
     }
 
     pub fn delete_key(&self, instance: &str, key_id: &str) -> Result<(), MetaError> {
-        self.write(|s| {
+        self.write(Touched::Tenant(instance), |s| {
             Self::tenant_mut(s, instance)?
                 .keys
                 .remove(key_id)
@@ -352,7 +520,7 @@ impl Meta {
         client_id: &str,
         now: u64,
     ) -> Result<DeviceCredential, MetaError> {
-        self.write(|s| {
+        self.write(Touched::Tenant(instance), |s| {
             let t = Self::tenant_mut(s, instance)?;
             let settings = &t.instance.as_ref().expect("present").settings;
             if settings.require_group_client_id {
@@ -405,7 +573,7 @@ impl Meta {
         client_id: &str,
         now: u64,
     ) -> Result<DeviceCredential, MetaError> {
-        self.write(|s| {
+        self.write(Touched::Tenant(instance), |s| {
             let cred = Self::tenant_mut(s, instance)?
                 .credentials
                 .get_mut(client_id)
@@ -422,7 +590,7 @@ impl Meta {
     }
 
     pub fn unregister_credential(&self, instance: &str, client_id: &str) -> Result<(), MetaError> {
-        self.write(|s| {
+        self.write(Touched::Tenant(instance), |s| {
             Self::tenant_mut(s, instance)?
                 .credentials
                 .remove(client_id)
@@ -473,7 +641,7 @@ impl Meta {
             created_at: now,
             revoked: false,
         };
-        self.write(|s| {
+        self.write(Touched::Tenant(instance), |s| {
             Self::tenant_mut(s, instance)?
                 .tokens
                 .insert(token.token.clone(), token.clone());
@@ -492,7 +660,7 @@ impl Meta {
     }
 
     pub fn revoke_token(&self, instance: &str, token: &str) -> Result<(), MetaError> {
-        self.write(|s| {
+        self.write(Touched::Tenant(instance), |s| {
             let t = Self::tenant_mut(s, instance)?
                 .tokens
                 .get_mut(token)
@@ -505,33 +673,40 @@ impl Meta {
     /// Removes tokens that expired before `before`. Callers keep a grace period after expiry so
     /// that a recently expired token is still reported as expired (code 2) rather than unknown.
     pub fn purge_expired_tokens(&self, before: u64) -> usize {
-        self.write(|s| {
+        self.write(Touched::All, |s| {
             let mut n = 0;
             for t in s.tenants.values_mut() {
                 let count = t.tokens.len();
                 t.tokens.retain(|_, tok| tok.expire_at > before);
                 n += count - t.tokens.len();
             }
-            n
+            Ok(n)
         })
+        .unwrap_or(0)
     }
 
     // ------------------------------------------------------------------------------------
     // Admin keys
 
-    pub fn create_admin_key(&self, now: u64) -> AdminKey {
+    pub fn create_admin_key(&self, now: u64) -> Result<AdminKey, MetaError> {
         let key = AdminKey {
             access_key_id: random_id("FERRY", 8),
             secret: random_secret(),
             created_at: now,
         };
-        self.write(|s| s.admin_keys.insert(key.access_key_id.clone(), key.clone()));
-        key
+        self.write(Touched::Admin, |s| {
+            s.admin_keys.insert(key.access_key_id.clone(), key.clone());
+            Ok(())
+        })?;
+        Ok(key)
     }
 
     /// Adds an admin key loaded from disk.
-    pub fn insert_admin_key(&self, key: AdminKey) {
-        self.write(|s| s.admin_keys.insert(key.access_key_id.clone(), key));
+    pub fn insert_admin_key(&self, key: AdminKey) -> Result<(), MetaError> {
+        self.write(Touched::Admin, |s| {
+            s.admin_keys.insert(key.access_key_id.clone(), key);
+            Ok(())
+        })
     }
 
     pub fn admin_keys(&self) -> Vec<AdminKey> {
@@ -539,7 +714,7 @@ impl Meta {
     }
 
     pub fn delete_admin_key(&self, id: &str) -> Result<(), MetaError> {
-        self.write(|s| {
+        self.write(Touched::Admin, |s| {
             s.admin_keys.remove(id).map(|_| ()).ok_or_else(|| {
                 MetaError::not_found(
                     "AccessKeyNotFound",
@@ -921,5 +1096,94 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert_eq!(e.token_code, Some(2));
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Docs {
+        map: Mutex<BTreeMap<String, Vec<u8>>>,
+        fail: Mutex<bool>,
+    }
+
+    impl MetaStore for Docs {
+        fn put(&self, key: &str, value: Vec<u8>) -> Result<(), String> {
+            if *self.fail.lock().unwrap() {
+                return Err("disk full".into());
+            }
+            self.map.lock().unwrap().insert(key.to_string(), value);
+            Ok(())
+        }
+        fn delete(&self, key: &str) -> Result<(), String> {
+            self.map.lock().unwrap().remove(key);
+            Ok(())
+        }
+        fn load(&self) -> Result<Vec<(String, Vec<u8>)>, String> {
+            Ok(self.map.lock().unwrap().clone().into_iter().collect())
+        }
+    }
+
+    #[test]
+    fn everything_survives_a_reload_secrets_included() {
+        let docs = Arc::new(Docs::default());
+        let m = Meta::with_store(docs.clone()).unwrap();
+        m.create_instance("mqtt-a", "A", Profile::Cloud, None, 1)
+            .unwrap();
+        m.create_group("mqtt-a", "GID_test", 1).unwrap();
+        m.create_topic("mqtt-a", "TopicA", 1).unwrap();
+        let key = m
+            .create_key("mqtt-a", KeyPermission::PubOnly, vec!["TopicA/#".into()], 1)
+            .unwrap();
+        let cred = m.register_credential("mqtt-a", "GID_test@@@d", 1).unwrap();
+        let tok = m
+            .apply_token(
+                "mqtt-a",
+                vec!["TopicA/#".into()],
+                TokenActions::Read,
+                10_000_000,
+                1,
+            )
+            .unwrap();
+        m.revoke_token("mqtt-a", &tok.token).unwrap();
+        let admin = m.create_admin_key(1).unwrap();
+
+        let again = Meta::with_store(docs.clone()).unwrap();
+        assert_eq!(again.instance("mqtt-a").unwrap().profile, Profile::Cloud);
+        assert_eq!(again.groups("mqtt-a").unwrap().len(), 1);
+        assert!(again.has_topic("mqtt-a", "TopicA"));
+        assert_eq!(again.keys("mqtt-a").unwrap()[0].secret, key.secret);
+        assert_eq!(
+            again
+                .credential("mqtt-a", "GID_test@@@d")
+                .unwrap()
+                .device_access_key_secret,
+            cred.device_access_key_secret
+        );
+        assert!(again.token("mqtt-a", &tok.token).unwrap().revoked);
+        assert!(again.verify_admin(&admin.access_key_id, &admin.secret));
+        again.delete_instance("mqtt-a").unwrap();
+        let third = Meta::with_store(docs).unwrap();
+        assert!(third.instance("mqtt-a").is_err());
+        assert!(third.verify_admin(&admin.access_key_id, &admin.secret));
+    }
+
+    #[test]
+    fn a_refused_write_changes_nothing() {
+        let docs = Arc::new(Docs::default());
+        let m = Meta::with_store(docs.clone()).unwrap();
+        m.create_instance("mqtt-a", "A", Profile::Standard, None, 1)
+            .unwrap();
+        *docs.fail.lock().unwrap() = true;
+        let e = m.create_group("mqtt-a", "GID_test", 1).unwrap_err();
+        assert_eq!(e.http_status(), 500);
+        assert!(m.groups("mqtt-a").unwrap().is_empty(), "undone in memory");
+        assert!(m.create_admin_key(1).is_err());
+        assert!(m.admin_keys().is_empty());
+        *docs.fail.lock().unwrap() = false;
+        m.create_group("mqtt-a", "GID_test", 1).unwrap();
     }
 }

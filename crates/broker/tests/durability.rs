@@ -1,0 +1,139 @@
+//! Durability over real sockets: persistent sessions, their queued messages and retained
+//! messages survive a restart on the same store, and a failed store write is never
+//! acknowledged.
+
+mod common;
+
+use common::{cid, Client};
+use ferry_broker::persist::{Clock, Persistence};
+use ferry_broker::{Config, Server};
+use ferry_codec::{Packet, Protocol, QoS, ReasonCode};
+use ferry_meta::{Meta, Profile};
+use ferry_store::{Durability, Engine, FjallEngine, MemoryEngine, StoreError, Writer};
+use std::sync::Arc;
+
+async fn start(engine: Arc<dyn Engine>) -> Server {
+    let meta = Arc::new(Meta::new());
+    meta.create_instance("default", "default", Profile::Standard, None, 0)
+        .unwrap();
+    let persistence = Arc::new(Persistence {
+        writer: Writer::start(engine.clone(), Durability::Sync, 16),
+        engine,
+        sync: true,
+        clock: Clock::now(),
+    });
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    Server::start_with_store(config, meta, Some(persistence))
+        .await
+        .expect("server starts")
+}
+
+/// A v3.1.1 CONNECT with clean session 0.
+async fn persistent(addr: std::net::SocketAddr, id: &str) -> (Client, bool) {
+    let packet = Packet::Connect(Box::new(ferry_codec::Connect {
+        protocol: Protocol::V3_1_1,
+        clean_start: false,
+        keep_alive: 60,
+        client_id: id.into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Default::default(),
+    }));
+    let (client, ack) = Client::connect_with(addr, packet).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS);
+    (client, ack.session_present)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_queues_and_retained_messages_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine: Arc<dyn Engine> = Arc::new(FjallEngine::open(dir.path()).unwrap());
+    let server = start(engine).await;
+    let addr = server.local_addr();
+    let sub_id = cid("durable-sub");
+    let (mut sub, present) = persistent(addr, &sub_id).await;
+    assert!(!present);
+    sub.subscribe(1, "dur/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+
+    let mut publisher = Client::v3(addr, &cid("durable-pub")).await;
+    for i in 1..=5u16 {
+        publisher
+            .send(&common::publish(
+                "dur/x",
+                QoS::AtLeastOnce,
+                i,
+                format!("m{i}").as_bytes(),
+            ))
+            .await;
+        assert!(matches!(publisher.recv().await, Packet::PubAck(a) if a.packet_id == i));
+    }
+    let mut retained = common::publish("dur/r", QoS::AtLeastOnce, 9, b"kept");
+    if let Packet::Publish(p) = &mut retained {
+        p.retain = true;
+    }
+    publisher.send(&retained).await;
+    assert!(matches!(publisher.recv().await, Packet::PubAck(a) if a.packet_id == 9));
+    server.shutdown().await;
+
+    // A new server on the same store.
+    let engine: Arc<dyn Engine> = Arc::new(FjallEngine::open(dir.path()).unwrap());
+    let server = start(engine).await;
+    let (mut sub, present) = persistent(server.local_addr(), &sub_id).await;
+    assert!(present, "the session survived");
+    let mut got = Vec::new();
+    while got.len() < 6 {
+        match sub.recv().await {
+            Packet::Publish(p) => {
+                got.push(String::from_utf8_lossy(&p.payload).into_owned());
+                sub.send(&Packet::PubAck(ferry_codec::PubAck::new(p.packet_id)))
+                    .await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, vec!["m1", "m2", "m3", "m4", "m5", "kept"]);
+    let mut fresh = Client::v3(server.local_addr(), &cid("fresh")).await;
+    fresh.subscribe(1, "dur/r", QoS::AtMostOnce).await;
+    assert!(
+        matches!(fresh.recv().await, Packet::Publish(p) if p.retain && &p.payload[..] == b"kept")
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_store_write_is_never_acknowledged() {
+    let memory = Arc::new(MemoryEngine::new());
+    let engine: Arc<dyn Engine> = memory.clone();
+    let server = start(engine).await;
+    let addr = server.local_addr();
+    let (mut sub, _) = persistent(addr, &cid("full-sub")).await;
+    sub.subscribe(1, "full/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+
+    memory.fail_writes(Some(StoreError::DiskFull("no space left on device".into())));
+    let mut publisher = Client::v5(addr, &cid("full-pub")).await;
+    publisher
+        .send(&common::publish("full/x", QoS::AtLeastOnce, 1, b"lost?"))
+        .await;
+    // No PUBACK: the connection is closed with 0x97 (quota exceeded: the disk is full).
+    publisher
+        .expect_disconnect(ReasonCode::QUOTA_EXCEEDED)
+        .await;
+    publisher.expect_closed().await;
+
+    // Messages that need no storing still flow, and storing works again once space is back.
+    memory.fail_writes(None);
+    let mut publisher = Client::v5(addr, &cid("full-pub2")).await;
+    publisher
+        .send(&common::publish("full/x", QoS::AtLeastOnce, 2, b"stored"))
+        .await;
+    assert!(
+        matches!(publisher.recv().await, Packet::PubAck(a) if a.packet_id == 2 && a.code == ReasonCode::SUCCESS)
+    );
+    server.shutdown().await;
+}
