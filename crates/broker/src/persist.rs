@@ -446,7 +446,11 @@ impl Persistence {
                     .map_err(|_| StoreError::Corrupt("stored client id is not UTF-8".into()))?;
                 let record = decode_session(client.clone(), value, &self.clock)?;
                 let mprefix = messages_prefix(instance, &client);
+                // In-flight messages are decoded; queued ones are only counted (they stay on
+                // disk until the client is back).
                 let mut messages = Vec::new();
+                let mut queued = 0u64;
+                let mut next_seq = 1u64;
                 let mut mafter: Option<Vec<u8>> = None;
                 loop {
                     let mpage =
@@ -459,15 +463,20 @@ impl Persistence {
                             .try_into()
                             .map_err(|_| StoreError::Corrupt("stored message key".into()))?;
                         let seq = u64::from_be_bytes(seq_bytes);
-                        messages.push((seq, decode_stored(mval, seq, &self.clock)?));
+                        next_seq = next_seq.max(seq + 1);
+                        if mval.get(1) == Some(&0) {
+                            queued += 1;
+                        } else {
+                            messages.push((seq, decode_stored(mval, seq, &self.clock)?));
+                        }
                     }
                     if !mfull {
                         break;
                     }
                 }
                 stats.sessions += 1;
-                stats.messages += messages.len();
-                broker.restore_session(record, messages, now);
+                stats.messages += messages.len() + queued as usize;
+                broker.restore_session(record, messages, queued, next_seq, now);
             }
             if !full {
                 break;
@@ -518,6 +527,32 @@ impl Persistence {
             }
         }
         Ok(stats)
+    }
+}
+
+impl Persistence {
+    /// Up to `limit` stored messages of a session after position `after_seq`, in order.
+    pub fn load(
+        &self,
+        instance: &str,
+        client_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+        let prefix = messages_prefix(instance, client_id);
+        let after = message_key(instance, client_id, after_seq);
+        let page = self
+            .engine
+            .scan(Space::Messages, &prefix, Some(&after), limit)?;
+        page.into_iter()
+            .map(|(key, value)| {
+                let seq_bytes: [u8; 8] = key[prefix.len()..]
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("stored message key".into()))?;
+                let seq = u64::from_be_bytes(seq_bytes);
+                Ok((seq, decode_stored(value, seq, &self.clock)?))
+            })
+            .collect()
     }
 }
 

@@ -87,6 +87,8 @@ struct Router {
     submitted: u64,
     /// The last batch reported durable (or failed).
     committed: u64,
+    /// Loads of spilled messages waiting for a batch to be durable: (batch, request).
+    loads: Vec<(u64, ferry_core::persist::LoadRequest)>,
 }
 
 pub async fn run(
@@ -107,6 +109,7 @@ pub async fn run(
         next_batch: 1,
         submitted: 0,
         committed: 0,
+        loads: Vec::new(),
     };
     let mut batch = Vec::with_capacity(256);
     loop {
@@ -118,13 +121,14 @@ pub async fn run(
                 }
             }
             Some((n, result)) = commit_rx.recv() => {
-                r.release(n, result);
+                r.release(&mut broker, n, result);
                 continue;
             }
             _ = sleep_until(deadline) => {
                 broker.handle_timeout(Instant::now());
                 r.dispatch(&mut broker);
                 r.submit(&mut broker);
+                r.take_loads(&mut broker);
                 continue;
             }
         }
@@ -165,7 +169,7 @@ pub async fn run(
                     // Let the last batches become durable so their answers go out.
                     while r.committed < r.submitted {
                         match commit_rx.recv().await {
-                            Some((n, result)) => r.release(n, result),
+                            Some((n, result)) => r.release(&mut broker, n, result),
                             None => break,
                         }
                     }
@@ -179,6 +183,7 @@ pub async fn run(
         }
         r.dispatch(&mut broker);
         r.submit(&mut broker);
+        r.take_loads(&mut broker);
     }
 }
 
@@ -282,13 +287,72 @@ impl Router {
             )
         });
         if let Err(e) = result {
-            self.release(batch, Err(e));
+            self.release(broker, batch, Err(e));
         }
     }
 
-    /// A batch is durable (or failed): send (or refuse) what waited for it.
-    fn release(&mut self, batch: u64, result: Result<(), StoreError>) {
+    /// Takes the core's load requests; each runs once everything written before it is durable
+    /// (a read must see the writes that spilled the messages).
+    fn take_loads(&mut self, broker: &mut Broker) {
+        let requests: Vec<_> = broker.drain_loads().collect();
+        for request in requests {
+            self.loads.push((self.submitted, request));
+        }
+        if !self.loads.is_empty() {
+            self.run_loads(broker);
+        }
+    }
+
+    fn run_loads(&mut self, broker: &mut Broker) {
+        let Some(link) = &self.store else {
+            self.loads.clear();
+            return;
+        };
+        let persistence = link.persistence.clone();
+        let instance = link.instance.clone();
+        loop {
+            let committed = self.committed;
+            let (ready, waiting): (Vec<_>, Vec<_>) =
+                self.loads.drain(..).partition(|(b, _)| *b <= committed);
+            self.loads = waiting;
+            if ready.is_empty() {
+                return;
+            }
+            for (_, request) in ready {
+                match persistence.load(
+                    &instance,
+                    &request.client_id,
+                    request.after_seq,
+                    request.limit,
+                ) {
+                    Ok(messages) => {
+                        broker.loaded(&request.client_id, request.limit, messages, Instant::now())
+                    }
+                    Err(e) => {
+                        error!(error = %e, client_id = %request.client_id, "cannot read queued messages")
+                    }
+                }
+            }
+            self.dispatch(broker);
+            self.submit(broker);
+            let requests: Vec<_> = broker.drain_loads().collect();
+            for request in requests {
+                self.loads.push((self.submitted, request));
+            }
+        }
+    }
+
+    /// A batch is durable (or failed): send (or refuse) what waited for it, and run the loads
+    /// that waited for it.
+    fn release(&mut self, broker: &mut Broker, batch: u64, result: Result<(), StoreError>) {
         self.committed = self.committed.max(batch);
+        self.release_held(batch, result);
+        if !self.loads.is_empty() {
+            self.run_loads(broker);
+        }
+    }
+
+    fn release_held(&mut self, batch: u64, result: Result<(), StoreError>) {
         if let Err(e) = &result {
             error!(error = %e, "store write failed; closing the connections waiting for it");
         }

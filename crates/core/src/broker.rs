@@ -10,7 +10,7 @@
 
 use crate::acl::{Acl, Action, Permissions, TopicPolicy};
 use crate::message::{Message, SharedMessage};
-use crate::persist::{MessageState, SessionRecord, StoreOp, StoredMessage};
+use crate::persist::{LoadRequest, MessageState, SessionRecord, StoreOp, StoredMessage};
 use crate::retained::{MemoryRetained, RetainedStore};
 use crate::session::{
     Delivery, Inflight, MemorySessions, OutState, PendingWill, Session, SessionRegistry, Will,
@@ -171,6 +171,7 @@ pub struct Broker {
     /// Emit [`StoreOp`]s for persistent sessions and retained messages.
     persistent: bool,
     store_ops: Vec<StoreOp>,
+    loads: Vec<LoadRequest>,
     sessions: Box<dyn SessionRegistry>,
     retained: Box<dyn RetainedStore>,
     subscriptions: SubscriptionTree,
@@ -215,6 +216,7 @@ impl Broker {
             policy: None,
             persistent: false,
             store_ops: Vec::new(),
+            loads: Vec::new(),
             sessions,
             retained,
             subscriptions: SubscriptionTree::new(),
@@ -238,6 +240,11 @@ impl Broker {
     pub fn with_persistence(mut self) -> Self {
         self.persistent = true;
         self
+    }
+
+    /// Loads of spilled messages asked for so far.
+    pub fn drain_loads(&mut self) -> std::vec::Drain<'_, LoadRequest> {
+        self.loads.drain(..)
     }
 
     /// Store operations emitted so far, in order.
@@ -945,6 +952,22 @@ impl Broker {
             return;
         };
         let stored = self.persistent && session.expiry_interval > 0;
+        if stored
+            && delivery.qos != QoS::AtMostOnce
+            && (session.conn.is_none()
+                || session.loaded_through < session.spilled_through
+                || session.pending.len() >= SPILL_WINDOW)
+        {
+            // A stored session keeps at most a window of queued messages in memory; the rest
+            // (everything while it is offline) lives only on disk until there is room.
+            let delivery = store_queued(session, delivery, true, &mut self.store_ops);
+            session.spilled += 1;
+            session.spilled_through = delivery.seq;
+            if session.conn.is_some() {
+                self.request_load(sid);
+            }
+            return;
+        }
         let Some(conn) = session.conn else {
             if delivery.qos == QoS::AtMostOnce {
                 return;
@@ -971,6 +994,7 @@ impl Broker {
             self.stats.dropped_queue_full += 1;
         } else {
             let delivery = store_queued(session, delivery, stored, &mut self.store_ops);
+            session.loaded_through = session.loaded_through.max(delivery.seq);
             session.pending.push_back(delivery);
         }
     }
@@ -1009,6 +1033,7 @@ impl Broker {
             if delivery.seq == 0 {
                 delivery.seq = session.next_seq;
                 session.next_seq += 1;
+                session.loaded_through = session.loaded_through.max(delivery.seq);
             }
             self.store_ops.push(StoreOp::Message {
                 client_id: session.client_id.clone(),
@@ -1056,6 +1081,9 @@ impl Broker {
                 return;
             }
             let Some(delivery) = session.pending.pop_front() else {
+                if session.loaded_through < session.spilled_through {
+                    self.request_load(sid);
+                }
                 return;
             };
             if delivery.msg.is_expired(now) {
@@ -1243,6 +1271,16 @@ impl Broker {
         }
         session.conn = None;
         session.disconnected_at = Some(now);
+        if self.persistent && session.expiry_interval > 0 && !session.pending.is_empty() {
+            // Offline, its queue lives on disk only.
+            let first = session.pending.front().map_or(0, |d| d.seq);
+            let last = session.pending.back().map_or(0, |d| d.seq);
+            session.spilled += session.pending.len() as u64;
+            session.loaded_through = session.loaded_through.min(first.saturating_sub(1));
+            session.spilled_through = session.spilled_through.max(last);
+            session.pending.clear();
+        }
+        session.load_requested = false;
         let expiry = session.expiry_interval;
         let mut will_now = None;
         if let (true, Some(will)) = (publish_will, state.will) {
@@ -1364,13 +1402,84 @@ impl Broker {
         }
     }
 
+    fn request_load(&mut self, sid: SessionId) {
+        let Some(session) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        if session.load_requested
+            || session.loaded_through >= session.spilled_through
+            || session.conn.is_none()
+        {
+            return;
+        }
+        session.load_requested = true;
+        self.loads.push(LoadRequest {
+            client_id: session.client_id.clone(),
+            after_seq: session.loaded_through,
+            limit: SPILL_WINDOW,
+        });
+    }
+
+    /// The answer to a [`LoadRequest`]: queued messages read back from the store, in order.
+    /// Fewer than asked for means none are left on disk.
+    pub fn loaded(
+        &mut self,
+        client_id: &str,
+        limit: usize,
+        messages: Vec<(u64, StoredMessage)>,
+        now: Instant,
+    ) {
+        let Some(sid) = self.sessions.find(client_id) else {
+            return;
+        };
+        let session = self.sessions.get_mut(sid).expect("found");
+        session.load_requested = false;
+        if session.conn.is_none() {
+            // Went offline meanwhile: it stays on disk.
+            return;
+        }
+        let short = messages.len() < limit;
+        let mut found = 0;
+        for (seq, stored) in messages {
+            if seq <= session.loaded_through || seq > session.spilled_through {
+                continue;
+            }
+            session.loaded_through = seq;
+            if stored.state != MessageState::Queued {
+                continue;
+            }
+            found += 1;
+            session.spilled = session.spilled.saturating_sub(1);
+            let mut delivery = stored.delivery;
+            delivery.seq = seq;
+            session.pending.push_back(delivery);
+        }
+        if short && found == 0 {
+            // Nothing (more) readable: normally the rest is still on its way to the disk and
+            // the next load finds it; if loads keep coming back empty, what is missing is gone.
+            session.empty_loads += 1;
+            if session.empty_loads >= 3 {
+                session.loaded_through = session.spilled_through;
+                session.spilled = 0;
+            }
+        } else {
+            session.empty_loads = 0;
+        }
+        self.flush(sid, now);
+    }
+
     /// Rebuilds a stored persistent session at start-up (disconnected). `messages` are its
     /// stored messages in `seq` order. Sessions whose expiry passed while the server was down
     /// end at once.
+    /// `messages` are the session's in-flight messages (and any queued ones the caller chose to
+    /// decode); `queued` counts queued messages left on disk, and `next_seq` is one past the
+    /// highest stored position.
     pub fn restore_session(
         &mut self,
         record: SessionRecord,
         messages: Vec<(u64, StoredMessage)>,
+        queued: u64,
+        next_seq: u64,
         now: Instant,
     ) {
         let sid = self.create_session(record.client_id.clone());
@@ -1379,12 +1488,21 @@ impl Broker {
         session.expiry_interval = record.expiry_interval;
         session.disconnected_at = Some(disconnected_at);
         session.incoming_qos2 = record.incoming_qos2.into_iter().collect();
-        session.next_seq = messages.last().map_or(1, |(seq, _)| seq + 1);
+        session.next_seq = messages.last().map_or(1, |(seq, _)| seq + 1).max(next_seq);
+        session.spilled = queued;
+        session.loaded_through = 0;
+        // Queued messages come after every in-flight one, so the highest stored position is
+        // the last queued one.
+        session.spilled_through = if queued > 0 { session.next_seq - 1 } else { 0 };
         for (seq, stored) in messages {
             let mut delivery = stored.delivery;
             delivery.seq = seq;
             match stored.state {
-                MessageState::Queued => session.pending.push_back(delivery),
+                MessageState::Queued => {
+                    // Queued messages stay on disk until the client is back.
+                    session.spilled += 1;
+                    session.spilled_through = session.spilled_through.max(seq);
+                }
                 state => session.inflight.push_back(Inflight {
                     packet_id: stored.packet_id,
                     delivery,
@@ -1467,7 +1585,7 @@ impl Broker {
             last_activity: conn.map(|c| c.last_activity).or(session.disconnected_at),
             subscriptions,
             inflight: session.inflight.len(),
-            queued: session.pending.len(),
+            queued: session.pending.len() + session.spilled as usize,
         })
     }
 
@@ -1523,6 +1641,9 @@ impl Broker {
         }
     }
 }
+
+/// Queued messages a connected stored session keeps in memory; more wait on disk.
+const SPILL_WINDOW: usize = 256;
 
 /// Gives a delivery queued for a stored session its log position and stores it.
 fn store_queued(

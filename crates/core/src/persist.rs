@@ -69,3 +69,13 @@ pub enum StoreOp {
         topic: ByteStr,
     },
 }
+
+/// A request to read a stored session's spilled messages back into memory: those after
+/// `after_seq`, at most `limit`, in order. The runtime answers with
+/// [`crate::Broker::loaded`] once everything written before the request is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadRequest {
+    pub client_id: ByteStr,
+    pub after_seq: u64,
+    pub limit: usize,
+}

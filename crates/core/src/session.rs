@@ -91,6 +91,17 @@ pub struct Session {
     pub dropped: u64,
     /// The next position in the stored message log (persistent sessions).
     pub next_seq: u64,
+    /// Stored sessions: how many queued messages are only on disk.
+    pub spilled: u64,
+    /// Stored sessions: every queued message up to this position is in memory or done.
+    pub loaded_through: u64,
+    /// Stored sessions: the highest position put on disk only; while `loaded_through` is below
+    /// it, new messages queue behind on disk too, so order is kept.
+    pub spilled_through: u64,
+    /// Loads in a row that found nothing to load (a guard against waiting forever).
+    pub empty_loads: u8,
+    /// A load of spilled messages was asked for and has not come back yet.
+    pub load_requested: bool,
 }
 
 impl Session {
@@ -110,6 +121,11 @@ impl Session {
             disconnected_at: None,
             dropped: 0,
             next_seq: 1,
+            spilled: 0,
+            loaded_through: 0,
+            spilled_through: 0,
+            empty_loads: 0,
+            load_requested: false,
         }
     }
 

@@ -155,11 +155,15 @@ pub fn drain(b: &mut Broker) -> Vec<Output> {
     b.drain_output().collect()
 }
 
-/// The packets sent to `conn`, in order.
+/// The packets sent to `conn`, in order (durable answers included).
 pub fn sent_to(out: &[Output], conn: ConnId) -> Vec<Packet> {
     out.iter()
         .filter_map(|o| match o {
-            Output::Send { conn: c, packet } if *c == conn => Some(packet.clone()),
+            Output::Send { conn: c, packet } | Output::SendDurable { conn: c, packet }
+                if *c == conn =>
+            {
+                Some(packet.clone())
+            }
             _ => None,
         })
         .collect()
@@ -205,10 +209,16 @@ pub fn online(
     let accepted = b.connect(conn, connect, now);
     assert!(accepted.is_some(), "CONNECT refused");
     let out = drain(b);
-    let Some(Output::Send {
-        conn: c,
-        packet: Packet::ConnAck(ack),
-    }) = out.first().cloned()
+    let Some(
+        Output::Send {
+            conn: c,
+            packet: Packet::ConnAck(ack),
+        }
+        | Output::SendDurable {
+            conn: c,
+            packet: Packet::ConnAck(ack),
+        },
+    ) = out.first().cloned()
     else {
         panic!("first output is not a CONNACK: {out:?}");
     };
@@ -230,7 +240,7 @@ pub fn subscriber(
     b.handle(conn, subscribe(1, filter, qos), now);
     let out = drain(b);
     assert!(
-        matches!(out.first(), Some(Output::Send { packet: Packet::SubAck(a), .. }) if a.codes == vec![ferry_codec::ReasonCode(qos as u8)]),
+        matches!(sent_to(&out, conn).first(), Some(Packet::SubAck(a)) if a.codes == vec![ferry_codec::ReasonCode(qos as u8)]),
         "unexpected SUBACK: {out:?}"
     );
 }

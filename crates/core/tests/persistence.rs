@@ -1,0 +1,189 @@
+//! Persistence in the core, on a virtual clock: the store operations it emits, the answers
+//! that wait for durability, offline queues kept on disk only and read back on reconnect.
+
+mod common;
+
+use common::*;
+use ferry_codec::{Packet, QoS};
+use ferry_core::persist::{MessageState, StoreOp, StoredMessage};
+use ferry_core::{Acl, Broker, Limits, Output};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+fn persistent_broker() -> Broker {
+    Broker::new(Limits::default(), Acl::default()).with_persistence()
+}
+
+/// Applies store ops to a map of (client, seq) → message, like the runtime's store would.
+fn apply(store: &mut BTreeMap<(String, u64), StoredMessage>, b: &mut Broker) -> usize {
+    let mut n = 0;
+    for op in b.drain_store_ops() {
+        n += 1;
+        match op {
+            StoreOp::Message {
+                client_id,
+                seq,
+                message,
+            } => {
+                store.insert((client_id.to_string(), seq), message);
+            }
+            StoreOp::MessageDeleted { client_id, seq } => {
+                store.remove(&(client_id.to_string(), seq));
+            }
+            StoreOp::SessionDeleted { client_id } => {
+                store.retain(|(c, _), _| c != client_id.as_str());
+            }
+            _ => {}
+        }
+    }
+    n
+}
+
+#[test]
+fn acknowledgements_of_stored_messages_wait_for_durability() {
+    let t0 = Instant::now();
+    let mut b = persistent_broker();
+    let mut store = BTreeMap::new();
+    subscriber(&mut b, 1, v3("sub", false), "t", QoS::AtLeastOnce, t0);
+    apply(&mut store, &mut b);
+    b.connection_lost(1, t0);
+    apply(&mut store, &mut b);
+    online(&mut b, 2, v5("pub"), t0);
+    // Reaches a stored session: the PUBACK waits.
+    b.handle(2, pub_packet("t", "x", QoS::AtLeastOnce, 1), t0);
+    let out = drain(&mut b);
+    assert!(matches!(
+        out.as_slice(),
+        [Output::SendDurable {
+            conn: 2,
+            packet: Packet::PubAck(_)
+        }]
+    ));
+    assert_eq!(apply(&mut store, &mut b), 1);
+    assert_eq!(store.len(), 1);
+    // Reaches nobody stored: the PUBACK goes at once.
+    b.handle(2, pub_packet("other", "y", QoS::AtLeastOnce, 2), t0);
+    assert!(matches!(
+        drain(&mut b).as_slice(),
+        [Output::Send {
+            conn: 2,
+            packet: Packet::PubAck(_)
+        }]
+    ));
+    assert_eq!(apply(&mut store, &mut b), 0);
+}
+
+#[test]
+fn offline_queues_live_on_disk_and_come_back_in_order() {
+    let t0 = Instant::now();
+    let mut b = persistent_broker();
+    let mut store = BTreeMap::new();
+    subscriber(&mut b, 1, v3("sub", false), "t", QoS::AtLeastOnce, t0);
+    b.connection_lost(1, t0);
+    online(&mut b, 2, v3("pub", true), t0);
+    for i in 0..600u16 {
+        b.handle(
+            2,
+            pub_packet("t", &format!("m{i}"), QoS::AtLeastOnce, i + 1),
+            t0,
+        );
+    }
+    drain(&mut b);
+    apply(&mut store, &mut b);
+    assert_eq!(store.len(), 600, "every queued message is stored");
+    let info = b.client_info("sub").unwrap();
+    assert_eq!(info.queued, 600);
+    assert!(
+        b.drain_loads().next().is_none(),
+        "nothing is read while offline"
+    );
+
+    // Back online: the core asks for the spilled messages, a window at a time.
+    let (ack, _) = online(&mut b, 1, v3("sub", false), t0);
+    assert!(ack.session_present);
+    let mut received = Vec::new();
+    for _ in 0..1000 {
+        let requests: Vec<_> = b.drain_loads().collect();
+        for request in &requests {
+            let messages: Vec<(u64, StoredMessage)> = store
+                .range((request.client_id.to_string(), request.after_seq + 1)..)
+                .take_while(|((c, _), _)| c == request.client_id.as_str())
+                .take(request.limit)
+                .map(|((_, seq), m)| (*seq, m.clone()))
+                .collect();
+            b.loaded(&request.client_id, request.limit, messages, t0);
+        }
+        let publishes = publishes_to(&drain(&mut b), 1);
+        if publishes.is_empty() && requests.is_empty() {
+            break;
+        }
+        for p in publishes {
+            received.push(String::from_utf8_lossy(&p.payload).into_owned());
+            b.handle(1, puback(p.packet_id), t0);
+        }
+        apply(&mut store, &mut b);
+    }
+    let expected: Vec<String> = (0..600).map(|i| format!("m{i}")).collect();
+    assert_eq!(received.len(), 600);
+    assert_eq!(received, expected, "in order, once each");
+    assert!(store.is_empty(), "acknowledged messages leave the store");
+}
+
+#[test]
+fn restored_sessions_keep_inflight_in_memory_and_queued_on_disk() {
+    let t0 = Instant::now();
+    let mut b = persistent_broker();
+    let mut store = BTreeMap::new();
+    subscriber(&mut b, 1, v3("sub", false), "t", QoS::AtLeastOnce, t0);
+    online(&mut b, 2, v3("pub", true), t0);
+    b.handle(2, pub_packet("t", "inflight", QoS::AtLeastOnce, 1), t0);
+    drain(&mut b);
+    b.connection_lost(1, t0);
+    b.handle(2, pub_packet("t", "queued", QoS::AtLeastOnce, 2), t0);
+    drain(&mut b);
+    let mut record = None;
+    for op in b.drain_store_ops() {
+        match op {
+            StoreOp::Session(r) if r.client_id.as_str() == "sub" => record = Some(r),
+            StoreOp::Message {
+                client_id,
+                seq,
+                message,
+            } => {
+                store.insert((client_id.to_string(), seq), message);
+            }
+            _ => {}
+        }
+    }
+    let record = record.expect("session stored");
+    assert_eq!(record.subscriptions.len(), 1);
+    let states: Vec<_> = store.values().map(|m| m.state).collect();
+    assert_eq!(states, vec![MessageState::Published, MessageState::Queued]);
+
+    // A new core restores it: the in-flight message is resent first (DUP), the queued one is
+    // read back after.
+    let mut b2 = persistent_broker();
+    let inflight: Vec<_> = store
+        .iter()
+        .filter(|(_, m)| m.state != MessageState::Queued)
+        .map(|((_, s), m)| (*s, m.clone()))
+        .collect();
+    b2.restore_session(record, inflight, 1, 3, t0);
+    let (ack, rest) = online(&mut b2, 7, v3("sub", false), t0);
+    assert!(ack.session_present);
+    let first = publishes_to(&rest, 7);
+    assert_eq!(first.len(), 1);
+    assert!(first[0].dup);
+    assert_eq!(&first[0].payload[..], b"inflight");
+    let request = b2
+        .drain_loads()
+        .next()
+        .expect("asks for the queued message");
+    let queued: Vec<_> = store
+        .iter()
+        .filter(|((_, s), _)| *s > request.after_seq)
+        .map(|((_, s), m)| (*s, m.clone()))
+        .collect();
+    b2.loaded("sub", request.limit, queued, t0);
+    assert_eq!(payloads_to(&drain(&mut b2), 7), vec!["queued"]);
+}
