@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project: the Rust workspace (unit, property and integration tests,
 # including the hostile-input suite against a real server), then the interoperability suite
-# with third-party clients (Python paho-mqtt, mosquitto_pub/mosquitto_sub) against the real
-# `ferry` binary. Needs: cargo, python3 with the packages of tests/interop/requirements.txt,
+# with third-party clients (Python paho-mqtt, mosquitto_pub/mosquitto_sub, the cloud's official
+# Python SDK) against the real `ferry` binary, and the crash test (20 SIGKILLs, nothing
+# acknowledged may be lost). Needs: cargo, python3 with the packages of tests/interop/requirements.txt,
 # and Debian's mosquitto-clients (`.ci/run` installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,3 +18,5 @@ cargo test --workspace
 echo "== interop (paho-mqtt, mosquitto clients) against target/debug/ferry"
 cargo build -p ferry
 FERRY_BIN="$target/debug/ferry" python3 -m pytest tests/interop -q
+echo "== durability: SIGKILL crash test against target/debug/ferry"
+FERRY_BIN="$target/debug/ferry" python3 -m pytest tests/durability -q

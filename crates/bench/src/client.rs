@@ -37,13 +37,15 @@ pub(crate) struct Client {
 }
 
 impl Client {
-    /// Opens a TCP connection, sends a clean-session CONNECT without keep-alive and waits for a
-    /// successful CONNACK.
+    /// Opens a TCP connection, sends a CONNECT without keep-alive and waits for a successful
+    /// CONNACK. With `session_expiry`, the session is persistent (MQTT 3: clean session 0;
+    /// MQTT 5: that session expiry interval); otherwise it is a clean session.
     pub async fn connect(
         host: &str,
         port: u16,
         protocol: Protocol,
         client_id: &str,
+        session_expiry: Option<u32>,
     ) -> Result<Client> {
         let stream = TcpStream::connect((host, port))
             .await
@@ -57,15 +59,19 @@ impl Client {
             ping_every: None,
             next_ping: None,
         };
+        let mut properties = ferry_codec::Properties::default();
+        if protocol.is_v5() {
+            properties.session_expiry_interval = session_expiry;
+        }
         client.push(&Packet::Connect(Box::new(Connect {
             protocol,
-            clean_start: true,
+            clean_start: session_expiry.is_none(),
             keep_alive: 0,
             client_id: client_id.into(),
             will: None,
             username: None,
             password: None,
-            properties: Default::default(),
+            properties,
         })))?;
         client.flush().await?;
         match client.recv().await? {

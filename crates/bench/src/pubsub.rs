@@ -34,6 +34,8 @@ pub struct PubSubOptions {
     pub timeout: Duration,
     /// Topic to use; a unique one by default.
     pub topic: Option<String>,
+    /// The subscriber keeps a persistent session (so a durable broker stores every message).
+    pub persistent: bool,
 }
 
 impl Default for PubSubOptions {
@@ -48,6 +50,7 @@ impl Default for PubSubOptions {
             inflight: 64,
             timeout: Duration::from_secs(5),
             topic: None,
+            persistent: false,
         }
     }
 }
@@ -127,15 +130,28 @@ pub async fn run_pubsub(opts: &PubSubOptions) -> Result<Report> {
         .clone()
         .unwrap_or_else(|| format!("ferry-bench/{id}"));
 
-    let mut sub = Client::connect(&opts.host, opts.port, opts.protocol, &format!("fbs-{id}"))
-        .await
-        .context("subscriber")?;
+    let sub_expiry = opts.persistent.then_some(600);
+    let mut sub = Client::connect(
+        &opts.host,
+        opts.port,
+        opts.protocol,
+        &format!("fbs-{id}"),
+        sub_expiry,
+    )
+    .await
+    .context("subscriber")?;
     subscribe(&mut sub, &topic, opts.qos)
         .await
         .context("subscriber")?;
-    let publ = Client::connect(&opts.host, opts.port, opts.protocol, &format!("fbp-{id}"))
-        .await
-        .context("publisher")?;
+    let publ = Client::connect(
+        &opts.host,
+        opts.port,
+        opts.protocol,
+        &format!("fbp-{id}"),
+        None,
+    )
+    .await
+    .context("publisher")?;
 
     let start = Instant::now();
     let (p, s) = tokio::join!(

@@ -48,6 +48,9 @@ struct PubSubArgs {
     /// Topic to publish to (default: a unique one).
     #[arg(long)]
     topic: Option<String>,
+    /// The subscriber keeps a persistent session (clean session 0 / session expiry 600 s).
+    #[arg(long)]
+    persistent: bool,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     json: bool,
@@ -69,6 +72,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         inflight: a.inflight,
         timeout: Duration::try_from_secs_f64(a.timeout).context("invalid --timeout")?,
         topic: a.topic,
+        persistent: a.persistent,
     };
     // One thread: publisher and subscriber are two futures on it, so the load generator uses one
     // core (pin it with taskset to keep it off the broker's).

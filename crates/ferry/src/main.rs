@@ -153,10 +153,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
     }
     let new_key = datadir::admin_key(&data_dir, &meta)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    // With the LIFO slot, of two connection tasks woken by the same poll the later one runs
+    // first, so a PUBLISH can overtake a SUBSCRIBE that reached the server before it. FIFO
+    // keeps arrival order across clients. (Needs `--cfg tokio_unstable`, set in
+    // .cargo/config.toml; without it the default scheduling is used.)
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    let runtime = builder.build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let listen = runtime_config.listen;
         let persistence = std::sync::Arc::new(ferry_broker::persist::Persistence {
