@@ -82,6 +82,38 @@ fn message_key(instance: &str, client_id: &str, seq: u64) -> Vec<u8> {
     k
 }
 
+/// Entries read per store scan.
+const PAGE: usize = 4096;
+
+/// Calls `f` with every entry of `space` under `prefix`, in key order, a page at a time.
+fn for_each(
+    engine: &dyn Engine,
+    space: Space,
+    prefix: &[u8],
+    mut f: impl FnMut(Vec<u8>, Vec<u8>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = engine.scan(space, prefix, after.as_deref(), PAGE)?;
+        let full = page.len() == PAGE;
+        after = page.last().map(|(k, _)| k.clone());
+        for (key, value) in page {
+            f(key, value)?;
+        }
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// The sequence number at the end of a message key.
+fn key_seq(key: &[u8], prefix_len: usize) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = key[prefix_len..]
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("stored message key".into()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
 // -----------------------------------------------------------------------------------------
 // Binary encoding
 
@@ -377,24 +409,13 @@ impl Persistence {
                         key: session_key(instance, &client_id),
                     });
                     let prefix = messages_prefix(instance, &client_id);
-                    let mut after: Option<Vec<u8>> = None;
-                    loop {
-                        let page =
-                            self.engine
-                                .scan(Space::Messages, &prefix, after.as_deref(), 1024)?;
-                        let Some((last, _)) = page.last() else {
-                            break;
-                        };
-                        after = Some(last.clone());
-                        let full = page.len() == 1024;
-                        out.extend(page.into_iter().map(|(key, _)| Op::Delete {
+                    for_each(self.engine.as_ref(), Space::Messages, &prefix, |key, _| {
+                        out.push(Op::Delete {
                             space: Space::Messages,
                             key,
-                        }));
-                        if !full {
-                            break;
-                        }
-                    }
+                        });
+                        Ok(())
+                    })?;
                 }
                 StoreOp::Message {
                     client_id,
@@ -433,99 +454,57 @@ impl Persistence {
         let now = Instant::now();
         let mut stats = RestoreStats::default();
         let pfx = prefix(instance);
-        let mut orphans = Vec::new();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self
-                .engine
-                .scan(Space::Sessions, &pfx, after.as_deref(), 1024)?;
-            let full = page.len() == 1024;
-            after = page.last().map(|(k, _)| k.clone());
-            for (key, value) in page {
-                let client = ByteStr::from_utf8(Bytes::copy_from_slice(&key[pfx.len()..]))
-                    .map_err(|_| StoreError::Corrupt("stored client id is not UTF-8".into()))?;
-                let record = decode_session(client.clone(), value, &self.clock)?;
-                let mprefix = messages_prefix(instance, &client);
-                // In-flight messages are decoded; queued ones are only counted (they stay on
-                // disk until the client is back).
-                let mut messages = Vec::new();
-                let mut queued = 0u64;
-                let mut next_seq = 1u64;
-                let mut mafter: Option<Vec<u8>> = None;
-                loop {
-                    let mpage =
-                        self.engine
-                            .scan(Space::Messages, &mprefix, mafter.as_deref(), 4096)?;
-                    let mfull = mpage.len() == 4096;
-                    mafter = mpage.last().map(|(k, _)| k.clone());
-                    for (mkey, mval) in mpage {
-                        let seq_bytes: [u8; 8] = mkey[mprefix.len()..]
-                            .try_into()
-                            .map_err(|_| StoreError::Corrupt("stored message key".into()))?;
-                        let seq = u64::from_be_bytes(seq_bytes);
-                        next_seq = next_seq.max(seq + 1);
-                        if mval.get(1) == Some(&0) {
-                            queued += 1;
-                        } else {
-                            messages.push((seq, decode_stored(mval, seq, &self.clock)?));
-                        }
-                    }
-                    if !mfull {
-                        break;
-                    }
+        let engine = self.engine.as_ref();
+        let mut restored = std::collections::HashSet::new();
+        for_each(engine, Space::Sessions, &pfx, |key, value| {
+            let client = ByteStr::from_utf8(Bytes::copy_from_slice(&key[pfx.len()..]))
+                .map_err(|_| StoreError::Corrupt("stored client id is not UTF-8".into()))?;
+            let record = decode_session(client.clone(), value, &self.clock)?;
+            let mprefix = messages_prefix(instance, &client);
+            // In-flight messages are decoded; queued ones are only counted (they stay on disk
+            // until the client is back).
+            let mut messages = Vec::new();
+            let mut queued = 0u64;
+            let mut next_seq = 1u64;
+            for_each(engine, Space::Messages, &mprefix, |mkey, mval| {
+                let seq = key_seq(&mkey, mprefix.len())?;
+                next_seq = next_seq.max(seq + 1);
+                if mval.get(1) == Some(&0) {
+                    queued += 1;
+                } else {
+                    messages.push((seq, decode_stored(mval, seq, &self.clock)?));
                 }
-                stats.sessions += 1;
-                stats.messages += messages.len() + queued as usize;
-                broker.restore_session(record, messages, queued, next_seq, now);
-            }
-            if !full {
-                break;
-            }
-        }
+                Ok(())
+            })?;
+            stats.sessions += 1;
+            stats.messages += messages.len() + queued as usize;
+            broker.restore_session(record, messages, queued, next_seq, now);
+            restored.insert(key[pfx.len()..].to_vec());
+            Ok(())
+        })?;
         // Messages without a session (its deletion raced their writing) go.
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self
-                .engine
-                .scan(Space::Messages, &pfx, after.as_deref(), 4096)?;
-            let full = page.len() == 4096;
-            after = page.last().map(|(k, _)| k.clone());
-            for (key, _) in page {
-                let rest = &key[pfx.len()..];
-                let Some(split) = rest.iter().position(|&b| b == 0) else {
-                    continue;
-                };
-                let client = String::from_utf8_lossy(&rest[..split]);
-                if broker.client_info(&client).is_none() {
+        let mut orphans = Vec::new();
+        for_each(engine, Space::Messages, &pfx, |key, _| {
+            let rest = &key[pfx.len()..];
+            if let Some(split) = rest.iter().position(|&b| b == 0) {
+                if !restored.contains(&rest[..split]) {
                     orphans.push(Op::Delete {
                         space: Space::Messages,
                         key,
                     });
                 }
             }
-            if !full {
-                break;
-            }
-        }
+            Ok(())
+        })?;
         stats.orphans = orphans.len();
         if !orphans.is_empty() {
             self.engine.apply(&orphans, true)?;
         }
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self
-                .engine
-                .scan(Space::Retained, &pfx, after.as_deref(), 4096)?;
-            let full = page.len() == 4096;
-            after = page.last().map(|(k, _)| k.clone());
-            for (_, value) in page {
-                broker.restore_retained(decode_retained(value, &self.clock)?);
-                stats.retained += 1;
-            }
-            if !full {
-                break;
-            }
-        }
+        for_each(engine, Space::Retained, &pfx, |_, value| {
+            broker.restore_retained(decode_retained(value, &self.clock)?);
+            stats.retained += 1;
+            Ok(())
+        })?;
         Ok(stats)
     }
 }
@@ -546,10 +525,7 @@ impl Persistence {
             .scan(Space::Messages, &prefix, Some(&after), limit)?;
         page.into_iter()
             .map(|(key, value)| {
-                let seq_bytes: [u8; 8] = key[prefix.len()..]
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("stored message key".into()))?;
-                let seq = u64::from_be_bytes(seq_bytes);
+                let seq = key_seq(&key, prefix.len())?;
                 Ok((seq, decode_stored(value, seq, &self.clock)?))
             })
             .collect()
@@ -599,21 +575,11 @@ impl ferry_meta::MetaStore for MetaDocuments {
 
     fn load(&self) -> Result<Vec<(String, Vec<u8>)>, String> {
         let mut out = Vec::new();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self
-                .engine
-                .scan(Space::Meta, b"", after.as_deref(), 1024)
-                .map_err(|e| e.to_string())?;
-            let full = page.len() == 1024;
-            after = page.last().map(|(k, _)| k.clone());
-            for (k, v) in page {
-                out.push((String::from_utf8_lossy(&k).into_owned(), v));
-            }
-            if !full {
-                break;
-            }
-        }
+        for_each(self.engine.as_ref(), Space::Meta, b"", |key, value| {
+            out.push((String::from_utf8_lossy(&key).into_owned(), value));
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
         Ok(out)
     }
 }
