@@ -1330,11 +1330,16 @@ impl Broker {
         }
     }
 
+    /// Runs the timers that are due, at most [`MAX_TIMERS_PER_CALL`] of them: a mass of
+    /// sessions expiring together is worked off over several calls (`poll_timeout` stays due),
+    /// so it never stalls the broker.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let mut budget = MAX_TIMERS_PER_CALL;
         while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
-            if at > now {
+            if at > now || budget == 0 {
                 break;
             }
+            budget -= 1;
             self.timers.pop();
             match timer {
                 Timer::SessionExpiry(sid) => {
@@ -1641,6 +1646,9 @@ impl Broker {
         }
     }
 }
+
+/// Timers run per [`Broker::handle_timeout`] call.
+pub const MAX_TIMERS_PER_CALL: usize = 1024;
 
 /// Queued messages a connected stored session keeps in memory; more wait on disk.
 const SPILL_WINDOW: usize = 256;

@@ -187,3 +187,27 @@ fn restored_sessions_keep_inflight_in_memory_and_queued_on_disk() {
     b2.loaded("sub", request.limit, queued, t0);
     assert_eq!(payloads_to(&drain(&mut b2), 7), vec!["queued"]);
 }
+
+#[test]
+fn a_mass_of_expiring_sessions_is_worked_off_in_bounded_steps() {
+    let t0 = Instant::now();
+    let mut b = Broker::new(Limits::default(), Acl::default());
+    let n = 3 * ferry_core::broker::MAX_TIMERS_PER_CALL as u64 + 5;
+    for i in 0..n {
+        online(&mut b, i, v5_persistent(&format!("c{i}"), 10), t0);
+        b.connection_lost(i, t0);
+    }
+    drain(&mut b);
+    assert_eq!(b.session_count() as u64, n);
+    let due = at(t0, 10);
+    let mut calls = 0;
+    while b.poll_timeout().is_some_and(|t| t <= due) {
+        let before = b.session_count();
+        b.handle_timeout(due);
+        assert!(before - b.session_count() <= ferry_core::broker::MAX_TIMERS_PER_CALL);
+        calls += 1;
+        assert!(calls < 100, "makes progress");
+    }
+    assert_eq!(calls, 4);
+    assert_eq!(b.session_count(), 0);
+}
