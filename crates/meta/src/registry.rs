@@ -232,6 +232,32 @@ impl Meta {
         Ok(value)
     }
 
+    /// Every value of one of an instance's resource maps.
+    fn list<T: Clone>(
+        &self,
+        instance: &str,
+        map: impl FnOnce(&Tenant) -> &BTreeMap<String, T>,
+    ) -> Result<Vec<T>, MetaError> {
+        self.read(|s| Ok(map(Self::tenant(s, instance)?).values().cloned().collect()))
+    }
+
+    /// Removes `name` from one of an instance's resource maps; `missing` is the error if it
+    /// is not there.
+    fn remove<T>(
+        &self,
+        instance: &str,
+        name: &str,
+        map: impl FnOnce(&mut Tenant) -> &mut BTreeMap<String, T>,
+        missing: impl FnOnce() -> MetaError,
+    ) -> Result<(), MetaError> {
+        self.write(Touched::Tenant(instance), |s| {
+            map(Self::tenant_mut(s, instance)?)
+                .remove(name)
+                .map(|_| ())
+                .ok_or_else(missing)
+        })
+    }
+
     fn persist_tenant(store: &dyn MetaStore, state: &State, id: &str) -> Result<(), String> {
         let key = format!("{TENANT_PREFIX}{id}");
         match state.tenants.get(id) {
@@ -374,28 +400,21 @@ impl Meta {
     }
 
     pub fn topics(&self, instance: &str) -> Result<Vec<ParentTopic>, MetaError> {
-        self.read(|s| {
-            Ok(Self::tenant(s, instance)?
-                .topics
-                .values()
-                .cloned()
-                .collect())
-        })
+        self.list(instance, |t| &t.topics)
     }
 
     pub fn delete_topic(&self, instance: &str, name: &str) -> Result<(), MetaError> {
-        self.write(Touched::Tenant(instance), |s| {
-            Self::tenant_mut(s, instance)?
-                .topics
-                .remove(name)
-                .map(|_| ())
-                .ok_or_else(|| {
-                    MetaError::not_found(
-                        "TopicNotFound",
-                        format!("parent topic {name:?} does not exist"),
-                    )
-                })
-        })
+        self.remove(
+            instance,
+            name,
+            |t| &mut t.topics,
+            || {
+                MetaError::not_found(
+                    "TopicNotFound",
+                    format!("parent topic {name:?} does not exist"),
+                )
+            },
+        )
     }
 
     /// Whether `parent` is a created parent topic of the instance (exact match).
@@ -435,29 +454,22 @@ impl Meta {
     }
 
     pub fn groups(&self, instance: &str) -> Result<Vec<Group>, MetaError> {
-        self.read(|s| {
-            Ok(Self::tenant(s, instance)?
-                .groups
-                .values()
-                .cloned()
-                .collect())
-        })
+        self.list(instance, |t| &t.groups)
     }
 
     /// Deleting a group does not drop its connected clients; they fail on their next connect.
     pub fn delete_group(&self, instance: &str, group_id: &str) -> Result<(), MetaError> {
-        self.write(Touched::Tenant(instance), |s| {
-            Self::tenant_mut(s, instance)?
-                .groups
-                .remove(group_id)
-                .map(|_| ())
-                .ok_or_else(|| {
-                    MetaError::not_found(
-                        "GroupIdNotFound",
-                        format!("group {group_id:?} does not exist"),
-                    )
-                })
-        })
+        self.remove(
+            instance,
+            group_id,
+            |t| &mut t.groups,
+            || {
+                MetaError::not_found(
+                    "GroupIdNotFound",
+                    format!("group {group_id:?} does not exist"),
+                )
+            },
+        )
     }
 
     // ------------------------------------------------------------------------------------
@@ -492,22 +504,21 @@ impl Meta {
     }
 
     pub fn keys(&self, instance: &str) -> Result<Vec<AccessKey>, MetaError> {
-        self.read(|s| Ok(Self::tenant(s, instance)?.keys.values().cloned().collect()))
+        self.list(instance, |t| &t.keys)
     }
 
     pub fn delete_key(&self, instance: &str, key_id: &str) -> Result<(), MetaError> {
-        self.write(Touched::Tenant(instance), |s| {
-            Self::tenant_mut(s, instance)?
-                .keys
-                .remove(key_id)
-                .map(|_| ())
-                .ok_or_else(|| {
-                    MetaError::not_found(
-                        "AccessKeyNotFound",
-                        format!("AccessKey {key_id:?} does not exist"),
-                    )
-                })
-        })
+        self.remove(
+            instance,
+            key_id,
+            |t| &mut t.keys,
+            || {
+                MetaError::not_found(
+                    "AccessKeyNotFound",
+                    format!("AccessKey {key_id:?} does not exist"),
+                )
+            },
+        )
     }
 
     // ------------------------------------------------------------------------------------
@@ -590,18 +601,17 @@ impl Meta {
     }
 
     pub fn unregister_credential(&self, instance: &str, client_id: &str) -> Result<(), MetaError> {
-        self.write(Touched::Tenant(instance), |s| {
-            Self::tenant_mut(s, instance)?
-                .credentials
-                .remove(client_id)
-                .map(|_| ())
-                .ok_or_else(|| {
-                    MetaError::not_found(
-                        "DeviceCredentialNotFound",
-                        format!("no credential for client {client_id:?}"),
-                    )
-                })
-        })
+        self.remove(
+            instance,
+            client_id,
+            |t| &mut t.credentials,
+            || {
+                MetaError::not_found(
+                    "DeviceCredentialNotFound",
+                    format!("no credential for client {client_id:?}"),
+                )
+            },
+        )
     }
 
     pub fn credential_client_ids(&self, instance: &str) -> Result<Vec<String>, MetaError> {
