@@ -7,7 +7,6 @@ use crate::auth::{
 };
 use crate::model::*;
 use crate::{random_bytes, validate, MetaError};
-use base64::Engine;
 use std::collections::BTreeMap;
 use std::sync::RwLock;
 
@@ -118,9 +117,23 @@ fn random_id(prefix: &str, bytes: usize) -> String {
     s
 }
 
+/// 32 random letters and digits (about 190 bits). Only alphanumerics, so a secret or token
+/// never starts with `-` (a command line would take it for an option) and needs no escaping
+/// in URLs or paths.
 fn random_secret() -> String {
-    let raw: [u8; 24] = random_bytes();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut out = String::with_capacity(32);
+    while out.len() < 32 {
+        let raw: [u8; 64] = random_bytes();
+        // 248 = 4 × 62: dropping larger bytes keeps the choice uniform.
+        for b in raw.iter().filter(|&&b| b < 248) {
+            if out.len() == 32 {
+                break;
+            }
+            out.push(ALPHABET[usize::from(*b) % ALPHABET.len()] as char);
+        }
+    }
+    out
 }
 
 fn no_instance(id: &str) -> MetaError {
@@ -934,6 +947,15 @@ mod tests {
             .unwrap();
         meta.create_group("mqtt-a", "GID_test", 0).unwrap();
         meta.create_topic("mqtt-a", "TopicA", 0).unwrap();
+    }
+
+    #[test]
+    fn secrets_and_tokens_are_plain_alphanumerics() {
+        for _ in 0..200 {
+            let s = random_secret();
+            assert_eq!(s.len(), 32);
+            assert!(s.bytes().all(|b| b.is_ascii_alphanumeric()), "{s}");
+        }
     }
 
     #[test]
