@@ -1081,6 +1081,7 @@ impl Broker {
                 return;
             }
             let Some(delivery) = session.pending.pop_front() else {
+                session.release_idle_memory();
                 if session.loaded_through < session.spilled_through {
                     self.request_load(sid);
                 }
@@ -1280,6 +1281,7 @@ impl Broker {
             session.spilled_through = session.spilled_through.max(last);
             session.pending.clear();
         }
+        session.release_idle_memory();
         session.load_requested = false;
         let expiry = session.expiry_interval;
         let mut will_now = None;

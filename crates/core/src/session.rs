@@ -141,6 +141,18 @@ impl Session {
         }
     }
 
+    /// Gives back the memory of queues that grew for a backlog and are empty again, so an idle
+    /// session costs what an idle session costs.
+    pub fn release_idle_memory(&mut self) {
+        const KEEP: usize = 16;
+        if self.pending.is_empty() && self.pending.capacity() > KEEP {
+            self.pending = VecDeque::new();
+        }
+        if self.inflight.is_empty() && self.inflight.capacity() > KEEP {
+            self.inflight = VecDeque::new();
+        }
+    }
+
     /// Index of the inflight entry with `packet_id`; acks mostly arrive in order, so the search
     /// usually stops at the front.
     pub fn find_inflight(&self, packet_id: u16) -> Option<usize> {
