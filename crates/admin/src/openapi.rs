@@ -329,6 +329,10 @@ fn settings_properties() -> Vec<(&'static str, Value)> {
             "p2p",
             boolean("`<parent>/p2p/<clientId>` reaches that client only, without a subscription."),
         ),
+        (
+            "offline_retention_secs",
+            int("Seconds a queued message waits for an offline persistent session; 0 = until the session ends."),
+        ),
     ]
 }
 

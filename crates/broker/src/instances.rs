@@ -120,6 +120,9 @@ impl Instances {
                 Some(StoreLink {
                     persistence: p.clone(),
                     instance: instance.to_string(),
+                    retention: (info.settings.offline_retention_secs > 0).then(|| {
+                        std::time::Duration::from_secs(info.settings.offline_retention_secs)
+                    }),
                 })
             }
             None => None,

@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const FORMAT: u8 = 1;
+/// Stored messages: format 2 adds when the message was stored (for offline retention).
+const MESSAGE_FORMAT: u8 = 2;
 
 /// Converts between the core's `Instant`s and wall-clock milliseconds (stored).
 #[derive(Clone, Copy, Debug)]
@@ -236,15 +238,17 @@ fn decode_message(r: &mut Reader, clock: &Clock) -> Result<Message, StoreError> 
     })
 }
 
-pub fn encode_stored(m: &StoredMessage, clock: &Clock) -> Vec<u8> {
+/// `stored_at` is wall-clock milliseconds.
+pub fn encode_stored(m: &StoredMessage, stored_at: u64, clock: &Clock) -> Vec<u8> {
     let d = &m.delivery;
-    let mut out = Vec::with_capacity(64 + d.msg.payload.len());
-    out.put_u8(FORMAT);
+    let mut out = Vec::with_capacity(72 + d.msg.payload.len());
+    out.put_u8(MESSAGE_FORMAT);
     out.put_u8(match m.state {
         MessageState::Queued => 0,
         MessageState::Published => 1,
         MessageState::Released => 2,
     });
+    out.put_u64(stored_at);
     out.put_u16(m.packet_id);
     out.put_u8(d.qos as u8);
     out.put_u8(u8::from(d.retain));
@@ -258,7 +262,8 @@ pub fn encode_stored(m: &StoredMessage, clock: &Clock) -> Vec<u8> {
 
 pub fn decode_stored(raw: Vec<u8>, seq: u64, clock: &Clock) -> Result<StoredMessage, StoreError> {
     let mut r = Reader(Bytes::from(raw));
-    if r.u8()? != FORMAT {
+    let format = r.u8()?;
+    if format != FORMAT && format != MESSAGE_FORMAT {
         return Err(StoreError::Corrupt("unknown stored message format".into()));
     }
     let state = match r.u8()? {
@@ -267,6 +272,9 @@ pub fn decode_stored(raw: Vec<u8>, seq: u64, clock: &Clock) -> Result<StoredMess
         2 => MessageState::Released,
         s => return Err(StoreError::Corrupt(format!("stored message state {s}"))),
     };
+    if format == MESSAGE_FORMAT {
+        r.u64()?; // stored_at: read by `stale_queued`
+    }
     let packet_id = r.u16()?;
     let qos = qos(r.u8()?)?;
     let retain = r.u8()? != 0;
@@ -287,6 +295,18 @@ pub fn decode_stored(raw: Vec<u8>, seq: u64, clock: &Clock) -> Result<StoredMess
         state,
         packet_id,
     })
+}
+
+/// Whether a raw stored message is a queued one older than `retention_ms` at `now_ms`.
+fn stale_queued(raw: &[u8], retention_ms: Option<u64>, now_ms: u64) -> bool {
+    let Some(retention) = retention_ms else {
+        return false;
+    };
+    if raw.len() < 10 || raw[0] != MESSAGE_FORMAT || raw[1] != 0 {
+        return false;
+    }
+    let stored_at = u64::from_be_bytes(raw[2..10].try_into().expect("8 bytes"));
+    stored_at.saturating_add(retention) < now_ms
 }
 
 fn encode_retained(msg: &Message, clock: &Clock) -> Vec<u8> {
@@ -396,6 +416,7 @@ impl Persistence {
     /// flight to the writer for a deleted session are removed at the next start-up).
     pub fn encode(&self, instance: &str, ops: Vec<StoreOp>) -> Result<Vec<Op>, StoreError> {
         let mut out = Vec::with_capacity(ops.len());
+        let now_ms = self.clock.to_wall(Instant::now());
         for op in ops {
             match op {
                 StoreOp::Session(record) => out.push(Op::Put {
@@ -424,7 +445,7 @@ impl Persistence {
                 } => out.push(Op::Put {
                     space: Space::Messages,
                     key: message_key(instance, &client_id, seq),
-                    value: encode_stored(&message, &self.clock),
+                    value: encode_stored(&message, now_ms, &self.clock),
                 }),
                 StoreOp::MessageDeleted { client_id, seq } => out.push(Op::Delete {
                     space: Space::Messages,
@@ -509,26 +530,78 @@ impl Persistence {
     }
 }
 
+/// What [`Persistence::load`] read: the messages (by position) and the deletions of queued
+/// messages whose retention passed.
+pub type Loaded = (Vec<(u64, StoredMessage)>, Vec<Op>);
+
 impl Persistence {
-    /// Up to `limit` stored messages of a session after position `after_seq`, in order.
+    /// Up to `limit` stored messages of a session after position `after_seq`, in order;
+    /// fewer only when there are no more. Queued messages older than `retention_ms` are
+    /// skipped and returned as deletions for the caller to write.
     pub fn load(
         &self,
         instance: &str,
         client_id: &str,
         after_seq: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+        retention_ms: Option<u64>,
+    ) -> Result<Loaded, StoreError> {
         let prefix = messages_prefix(instance, client_id);
-        let after = message_key(instance, client_id, after_seq);
+        let now_ms = self.clock.to_wall(Instant::now());
+        let mut after = message_key(instance, client_id, after_seq);
+        let mut fresh = Vec::new();
+        let mut stale = Vec::new();
+        loop {
+            let page = self
+                .engine
+                .scan(Space::Messages, &prefix, Some(&after), limit)?;
+            let full = page.len() == limit;
+            for (key, value) in page {
+                after.clone_from(&key);
+                if stale_queued(&value, retention_ms, now_ms) {
+                    stale.push(Op::Delete {
+                        space: Space::Messages,
+                        key,
+                    });
+                    continue;
+                }
+                let seq = key_seq(&key, prefix.len())?;
+                fresh.push((seq, decode_stored(value, seq, &self.clock)?));
+                if fresh.len() == limit {
+                    return Ok((fresh, stale));
+                }
+            }
+            if !full {
+                return Ok((fresh, stale));
+            }
+        }
+    }
+
+    /// One bounded step of the retention sweep over an instance's stored messages: looks at
+    /// up to [`PAGE`] of them after `cursor` and returns the deletions of queued messages older
+    /// than `retention_ms`, and where to continue (`None`: start over next time).
+    pub fn sweep_step(
+        &self,
+        instance: &str,
+        cursor: Option<&[u8]>,
+        retention_ms: u64,
+    ) -> Result<(Vec<Op>, Option<Vec<u8>>), StoreError> {
+        let now_ms = self.clock.to_wall(Instant::now());
         let page = self
             .engine
-            .scan(Space::Messages, &prefix, Some(&after), limit)?;
-        page.into_iter()
-            .map(|(key, value)| {
-                let seq = key_seq(&key, prefix.len())?;
-                Ok((seq, decode_stored(value, seq, &self.clock)?))
+            .scan(Space::Messages, &prefix(instance), cursor, PAGE)?;
+        let next = (page.len() == PAGE)
+            .then(|| page.last().map(|(k, _)| k.clone()))
+            .flatten();
+        let deletes = page
+            .into_iter()
+            .filter(|(_, value)| stale_queued(value, Some(retention_ms), now_ms))
+            .map(|(key, _)| Op::Delete {
+                space: Space::Messages,
+                key,
             })
-            .collect()
+            .collect();
+        Ok((deletes, next))
     }
 }
 
@@ -617,7 +690,7 @@ mod tests {
             state: MessageState::Released,
             packet_id: 77,
         };
-        let back = decode_stored(encode_stored(&stored, &clock), 9, &clock).unwrap();
+        let back = decode_stored(encode_stored(&stored, 123, &clock), 9, &clock).unwrap();
         assert_eq!(back.state, MessageState::Released);
         assert_eq!(back.packet_id, 77);
         assert_eq!(back.delivery.sub_ids, vec![3, 4]);

@@ -66,7 +66,12 @@ pub enum RouterMsg {
 pub struct StoreLink {
     pub persistence: Arc<Persistence>,
     pub instance: String,
+    /// How long queued messages wait for an offline session (the instance's setting).
+    pub retention: Option<std::time::Duration>,
 }
+
+/// How often the retention sweep looks at the next page of an instance's stored messages.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Results of submitted store batches, in submission order.
 type Commit = (u64, Result<(), StoreError>);
@@ -89,6 +94,8 @@ struct Router {
     committed: u64,
     /// Loads of spilled messages waiting for a batch to be durable: (batch, request).
     loads: Vec<(u64, ferry_core::persist::LoadRequest)>,
+    /// Where the retention sweep continues.
+    sweep_cursor: Option<Vec<u8>>,
 }
 
 pub async fn run(
@@ -110,7 +117,11 @@ pub async fn run(
         submitted: 0,
         committed: 0,
         loads: Vec::new(),
+        sweep_cursor: None,
     };
+    let sweeping = r.store.as_ref().is_some_and(|s| s.retention.is_some());
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(256);
     loop {
         let deadline = broker.poll_timeout();
@@ -122,6 +133,10 @@ pub async fn run(
             }
             Some((n, result)) = commit_rx.recv() => {
                 r.release(&mut broker, n, result);
+                continue;
+            }
+            _ = sweep.tick(), if sweeping => {
+                r.sweep();
                 continue;
             }
             _ = sleep_until(deadline) => {
@@ -310,6 +325,7 @@ impl Router {
         };
         let persistence = link.persistence.clone();
         let instance = link.instance.clone();
+        let retention_ms = link.retention.map(|r| r.as_millis() as u64);
         loop {
             let committed = self.committed;
             let (ready, waiting): (Vec<_>, Vec<_>) =
@@ -324,9 +340,11 @@ impl Router {
                     &request.client_id,
                     request.after_seq,
                     request.limit,
+                    retention_ms,
                 ) {
-                    Ok(messages) => {
-                        broker.loaded(&request.client_id, request.limit, messages, Instant::now())
+                    Ok((messages, stale)) => {
+                        broker.loaded(&request.client_id, request.limit, messages, Instant::now());
+                        self.forget(stale);
                     }
                     Err(e) => {
                         error!(error = %e, client_id = %request.client_id, "cannot read queued messages")
@@ -339,6 +357,40 @@ impl Router {
             for request in requests {
                 self.loads.push((self.submitted, request));
             }
+        }
+    }
+
+    /// Deletes queued messages whose retention passed (nothing waits for these writes).
+    fn forget(&mut self, stale: Vec<ferry_store::Op>) {
+        let Some(link) = &self.store else {
+            return;
+        };
+        if stale.is_empty() {
+            return;
+        }
+        if let Err(e) = link.persistence.writer.submit(stale, Box::new(|_| {})) {
+            error!(error = %e, "cannot delete expired offline messages");
+        }
+    }
+
+    /// One bounded step of the retention sweep, for sessions that never come back.
+    fn sweep(&mut self) {
+        let Some(link) = &self.store else {
+            return;
+        };
+        let Some(retention) = link.retention else {
+            return;
+        };
+        match link.persistence.sweep_step(
+            &link.instance,
+            self.sweep_cursor.as_deref(),
+            retention.as_millis() as u64,
+        ) {
+            Ok((stale, next)) => {
+                self.sweep_cursor = next;
+                self.forget(stale);
+            }
+            Err(e) => error!(error = %e, "retention sweep failed"),
         }
     }
 

@@ -8,13 +8,17 @@ use common::{cid, Client};
 use ferry_broker::persist::{Clock, Persistence};
 use ferry_broker::{Config, Server};
 use ferry_codec::{Packet, Protocol, QoS, ReasonCode};
-use ferry_meta::{Meta, Profile};
+use ferry_meta::{InstanceSettings, Meta, Profile};
 use ferry_store::{Durability, Engine, FjallEngine, MemoryEngine, StoreError, Writer};
 use std::sync::Arc;
 
 async fn start(engine: Arc<dyn Engine>) -> Server {
+    start_with(engine, InstanceSettings::for_profile(Profile::Standard)).await
+}
+
+async fn start_with(engine: Arc<dyn Engine>, settings: InstanceSettings) -> Server {
     let meta = Arc::new(Meta::new());
-    meta.create_instance("default", "default", Profile::Standard, None, 0)
+    meta.create_instance("default", "default", Profile::Standard, Some(settings), 0)
         .unwrap();
     let persistence = Arc::new(Persistence {
         writer: Writer::start(engine.clone(), Durability::Sync, 16),
@@ -135,5 +139,42 @@ async fn a_failed_store_write_is_never_acknowledged() {
     assert!(
         matches!(publisher.recv().await, Packet::PubAck(a) if a.packet_id == 2 && a.code == ReasonCode::SUCCESS)
     );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_messages_older_than_the_retention_are_dropped() {
+    let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+    let settings = InstanceSettings {
+        offline_retention_secs: 1,
+        ..InstanceSettings::for_profile(Profile::Standard)
+    };
+    let server = start_with(engine, settings).await;
+    let addr = server.local_addr();
+    let sub_id = cid("retention-sub");
+    let (mut sub, _) = persistent(addr, &sub_id).await;
+    sub.subscribe(1, "ret/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    let mut publisher = Client::v3(addr, &cid("retention-pub")).await;
+    for i in 1..=3u16 {
+        publisher
+            .send(&common::publish("ret/x", QoS::AtLeastOnce, i, b"old"))
+            .await;
+        assert!(matches!(publisher.recv().await, Packet::PubAck(_)));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    publisher
+        .send(&common::publish("ret/x", QoS::AtLeastOnce, 4, b"fresh"))
+        .await;
+    assert!(matches!(publisher.recv().await, Packet::PubAck(_)));
+
+    let (mut sub, present) = persistent(addr, &sub_id).await;
+    assert!(present);
+    match sub.recv().await {
+        Packet::Publish(p) => assert_eq!(&p.payload[..], b"fresh", "the old ones expired"),
+        other => panic!("unexpected {other:?}"),
+    }
+    sub.expect_silence(std::time::Duration::from_millis(300))
+        .await;
     server.shutdown().await;
 }

@@ -33,6 +33,9 @@ pub struct InstanceSettings {
     pub max_client_id_len: u32,
     /// `<parent>/p2p/<clientId>` reaches that client only, without a subscription.
     pub p2p: bool,
+    /// Seconds a queued message waits for an offline persistent session before it is dropped;
+    /// 0 = until the session ends.
+    pub offline_retention_secs: u64,
 }
 
 impl InstanceSettings {
@@ -50,6 +53,7 @@ impl InstanceSettings {
                 max_keep_alive: 480,
                 max_client_id_len: 64,
                 p2p: true,
+                offline_retention_secs: 3 * 24 * 3600,
             },
             Profile::Standard => InstanceSettings {
                 require_parent_topic: false,
@@ -63,6 +67,7 @@ impl InstanceSettings {
                 max_keep_alive: 0,
                 max_client_id_len: 65_535,
                 p2p: false,
+                offline_retention_secs: 3 * 24 * 3600,
             },
         }
     }
