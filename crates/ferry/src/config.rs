@@ -16,9 +16,9 @@ pub struct File {
     /// Where Ferry keeps its files (the store, the admin key, the API endpoint for `ferry ctl`).
     pub data_dir: Option<std::path::PathBuf>,
     /// `sync` (default): QoS 1/2 messages for persistent sessions and retained messages are
-    /// acknowledged only once on disk. `async`: acknowledged once written to the store's
-    /// journal, before it reaches the disk — faster, and a crash can lose the last moments of
-    /// acknowledged messages.
+    /// acknowledged only once on disk. `async`: acknowledged once handed to the operating
+    /// system, before it reaches the disk — faster, and a machine crash can lose the last
+    /// moments of acknowledged messages.
     pub durability: Option<String>,
     #[serde(default)]
     pub api: Api,
