@@ -447,46 +447,44 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
     }
 
     fn violation(&mut self, v: Violation) {
-        self.shared
-            .metrics
-            .protocol_errors
-            .fetch_add(1, Ordering::Relaxed);
         debug!(code = ?v.code, reason = v.reason, "protocol violation");
-        if self.conn.protocol().is_v5() && self.conn.is_connected() {
-            self.write(Packet::Disconnect(Disconnect {
-                code: v.code,
-                properties: Properties {
-                    reason_string: Some(v.reason.into()),
-                    ..Default::default()
-                },
-            }));
-        }
+        self.refuse_input(v.code, v.reason.into());
     }
 
     fn decode_error(&mut self, e: DecodeError) {
-        self.shared
-            .metrics
-            .protocol_errors
-            .fetch_add(1, Ordering::Relaxed);
         debug!(error = %e, "malformed input");
         let code = e.reason_code();
-        if self.conn.is_connected() {
-            if self.conn.protocol().is_v5() {
-                self.write(Packet::Disconnect(Disconnect {
-                    code,
-                    properties: Properties {
-                        reason_string: Some(e.to_string().into()),
-                        ..Default::default()
-                    },
-                }));
-            }
-        } else if code == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
+        if !self.conn.is_connected() && code == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
             // MQTT 3.1.1 §3.1.2.2: answer an unknown protocol level with return code 1.
+            self.shared
+                .metrics
+                .protocol_errors
+                .fetch_add(1, Ordering::Relaxed);
             let ack = Packet::ConnAck(ConnAck {
                 code,
                 ..Default::default()
             });
             let _ = ack.encode(Protocol::V3_1_1, &mut self.wbuf);
+            return;
+        }
+        self.refuse_input(code, e.to_string().into());
+    }
+
+    /// Counts bad input and, on a connected MQTT 5 connection, says why in a DISCONNECT
+    /// before the connection closes.
+    fn refuse_input(&mut self, code: ReasonCode, reason: ByteStr) {
+        self.shared
+            .metrics
+            .protocol_errors
+            .fetch_add(1, Ordering::Relaxed);
+        if self.conn.protocol().is_v5() && self.conn.is_connected() {
+            self.write(Packet::Disconnect(Disconnect {
+                code,
+                properties: Properties {
+                    reason_string: Some(reason),
+                    ..Default::default()
+                },
+            }));
         }
     }
 
