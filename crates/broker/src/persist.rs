@@ -404,7 +404,8 @@ fn decode_session(
 /// The embedded store and its group-commit writer, shared by every instance's router.
 pub struct Persistence {
     pub engine: Arc<dyn Engine>,
-    pub writer: Writer,
+    /// Shared with the embedded queue, so both commit in the same groups.
+    pub writer: Arc<Writer>,
     /// Acknowledgements wait for durability (`durability = "sync"`).
     pub sync: bool,
     pub clock: Clock,

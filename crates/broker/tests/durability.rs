@@ -21,7 +21,7 @@ async fn start_with(engine: Arc<dyn Engine>, settings: InstanceSettings) -> Serv
     meta.create_instance("default", "default", Profile::Standard, Some(settings), 0)
         .unwrap();
     let persistence = Arc::new(Persistence {
-        writer: Writer::start(engine.clone(), Durability::Sync, 16),
+        writer: std::sync::Arc::new(Writer::start(engine.clone(), Durability::Sync, 16)),
         engine,
         sync: true,
         clock: Clock::now(),

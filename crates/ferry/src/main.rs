@@ -165,7 +165,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     runtime.block_on(async move {
         let listen = runtime_config.listen;
         let persistence = std::sync::Arc::new(ferry_broker::persist::Persistence {
-            writer: ferry_store::Writer::start(engine.clone(), durability, 64),
+            writer: std::sync::Arc::new(ferry_store::Writer::start(engine.clone(), durability, 64)),
             engine,
             sync: durability == ferry_store::Durability::Sync,
             clock: ferry_broker::persist::Clock::now(),

@@ -68,7 +68,7 @@ pub struct FjallEngine {
 
 struct Inner {
     db: Database,
-    spaces: [Keyspace; 4],
+    spaces: [Keyspace; 5],
 }
 
 #[derive(Default)]
@@ -367,6 +367,7 @@ fn open_db(dir: &Path, options: &FjallOptions) -> Result<Inner, StoreError> {
         space(Space::Retained)?,
         space(Space::Sessions)?,
         space(Space::Messages)?,
+        space(Space::Queue)?,
     ];
     Ok(Inner { db, spaces })
 }

@@ -2,7 +2,7 @@
 //!
 //! Everything a user expects to survive a restart (metadata, persistent sessions, their
 //! subscriptions and queued messages, retained messages) is kept in one store directory. This
-//! crate knows nothing about MQTT: it stores byte keys and byte values in four *spaces*
+//! crate knows nothing about MQTT: it stores byte keys and byte values in five *spaces*
 //! ([`Space`]), and the broker decides what the keys mean.
 //!
 //! Where things are:
@@ -66,15 +66,18 @@ pub enum Space {
     Sessions,
     /// Queued and inflight messages of persistent sessions.
     Messages,
+    /// The embedded server-side queue (RocketMQ-compatible): topics, messages, consumer groups.
+    Queue,
 }
 
 impl Space {
     /// Every space, in a fixed order.
-    pub const ALL: [Space; 4] = [
+    pub const ALL: [Space; 5] = [
         Space::Meta,
         Space::Retained,
         Space::Sessions,
         Space::Messages,
+        Space::Queue,
     ];
 
     /// The name of the space on disk (the fjall keyspace name).
@@ -84,6 +87,7 @@ impl Space {
             Space::Retained => "retained",
             Space::Sessions => "sessions",
             Space::Messages => "messages",
+            Space::Queue => "queue",
         }
     }
 
@@ -93,6 +97,7 @@ impl Space {
             Space::Retained => 1,
             Space::Sessions => 2,
             Space::Messages => 3,
+            Space::Queue => 4,
         }
     }
 }

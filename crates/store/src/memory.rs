@@ -12,7 +12,7 @@ type Map = BTreeMap<Vec<u8>, Vec<u8>>;
 /// a data directory. Nothing survives the process.
 #[derive(Default)]
 pub struct MemoryEngine {
-    spaces: RwLock<[Map; 4]>,
+    spaces: RwLock<[Map; 5]>,
     fail: Mutex<Option<StoreError>>,
     applies: AtomicU64,
     syncs: AtomicU64,
@@ -40,11 +40,11 @@ impl MemoryEngine {
         self.syncs.load(Ordering::Relaxed)
     }
 
-    fn read(&self) -> RwLockReadGuard<'_, [Map; 4]> {
+    fn read(&self) -> RwLockReadGuard<'_, [Map; 5]> {
         self.spaces.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, [Map; 4]> {
+    fn write(&self) -> RwLockWriteGuard<'_, [Map; 5]> {
         self.spaces.write().unwrap_or_else(|p| p.into_inner())
     }
 }
