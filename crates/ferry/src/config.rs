@@ -31,6 +31,77 @@ pub struct File {
     pub auth: Auth,
     #[serde(default)]
     pub acl: AclFile,
+    /// The embedded RocketMQ-5-compatible queue (gRPC).
+    #[serde(default)]
+    pub queue: QueueFile,
+}
+
+/// `[queue]`: the embedded server-side queue, speaking the RocketMQ 5 gRPC protocol.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueFile {
+    pub enabled: bool,
+    /// gRPC listen address; TLS and plaintext are served on the same port.
+    pub listen: SocketAddr,
+    /// PEM certificate and key for TLS; unset: a self-signed certificate made at start.
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Whether clients without an AccessKey may use the default instance. Unset: only when
+    /// the queue listener is bound to a loopback address (as `auth.allow_anonymous`).
+    pub allow_anonymous: Option<bool>,
+    /// How long messages are kept, acknowledged or not.
+    pub retention_secs: u64,
+    /// Deliveries of a message to a group before it goes to `%DLQ%<group>`.
+    pub max_attempts: u32,
+    /// Whether sending to or consuming from an unknown topic creates it.
+    pub auto_create_topics: bool,
+}
+
+impl Default for QueueFile {
+    fn default() -> Self {
+        let q = ferry_queue::QueueConfig::default();
+        QueueFile {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            tls_cert: None,
+            tls_key: None,
+            allow_anonymous: None,
+            retention_secs: q.retention.as_secs(),
+            max_attempts: q.max_attempts,
+            auto_create_topics: q.auto_create_topics,
+        }
+    }
+}
+
+impl QueueFile {
+    /// Checks the values and builds the queue's configuration.
+    pub fn to_config(&self) -> Result<ferry_queue::QueueConfig> {
+        if self.max_attempts == 0 {
+            bail!("queue.max_attempts: must be at least 1");
+        }
+        if self.retention_secs == 0 {
+            bail!("queue.retention_secs: must be at least 1");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("queue.tls_cert and queue.tls_key: set both or neither");
+        }
+        Ok(ferry_queue::QueueConfig {
+            retention: Duration::from_secs(self.retention_secs),
+            max_attempts: self.max_attempts,
+            auto_create_topics: self.auto_create_topics,
+            ..ferry_queue::QueueConfig::default()
+        })
+    }
+
+    pub fn tls(&self) -> Option<ferry_queue::TlsFiles> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(ferry_queue::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -65,6 +65,9 @@ struct ServeArgs {
     /// REST / cloud RPC API listen address (overrides api.listen).
     #[arg(long)]
     api_listen: Option<SocketAddr>,
+    /// RocketMQ 5 gRPC queue listen address (overrides queue.listen).
+    #[arg(long)]
+    queue_listen: Option<SocketAddr>,
 }
 
 fn main() -> Result<()> {
@@ -117,6 +120,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     if let Some(v) = args.api_listen {
         file.api.listen = v;
     }
+    if let Some(v) = args.queue_listen {
+        file.queue.listen = v;
+    }
+    let queue_config = file.queue.to_config()?;
     let runtime_config = file.to_runtime()?;
     let data_dir = file
         .data_dir
@@ -162,10 +169,23 @@ fn serve(args: ServeArgs) -> Result<()> {
     #[cfg(tokio_unstable)]
     builder.disable_lifo_slot();
     let runtime = builder.build().context("cannot start the async runtime")?;
+    let default_instance = runtime_config.default_instance.clone();
     runtime.block_on(async move {
         let listen = runtime_config.listen;
+        let writer =
+            std::sync::Arc::new(ferry_store::Writer::start(engine.clone(), durability, 64));
+        // The embedded queue shares the broker's store and group-commit writer. `queue` is the
+        // handle other parts of `serve` (the rules) use.
+        let queue = ferry_queue::Queue::open(
+            Some(ferry_queue::QueueStore {
+                engine: engine.clone(),
+                writer: writer.clone(),
+            }),
+            queue_config,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot open the queue: {e}"))?;
         let persistence = std::sync::Arc::new(ferry_broker::persist::Persistence {
-            writer: std::sync::Arc::new(ferry_store::Writer::start(engine.clone(), durability, 64)),
+            writer,
             engine,
             sync: durability == ferry_store::Durability::Sync,
             clock: ferry_broker::persist::Clock::now(),
@@ -192,12 +212,31 @@ fn serve(args: ServeArgs) -> Result<()> {
             })));
             api_url = Some(url);
         }
+        let mut queue_server = None;
+        if file.queue.enabled {
+            let qs = ferry_queue::QueueServer::start(
+                queue.clone(),
+                meta.clone(),
+                ferry_queue::ServerConfig {
+                    listen: file.queue.listen,
+                    allow_anonymous: file.queue.allow_anonymous,
+                    default_namespace: default_instance.clone(),
+                    tls: file.queue.tls(),
+                },
+            )
+            .await
+            .with_context(|| format!("cannot listen on {} (queue.listen)", file.queue.listen))?;
+            queue_server = Some(qs);
+        }
         // Machine-readable lines on stdout, so scripts and tests can find the ports.
         {
             let mut out = std::io::stdout().lock();
             writeln!(out, "ferry: mqtt listening on {}", server.local_addr())?;
             if let Some(url) = &api_url {
                 writeln!(out, "ferry: api listening on {url}")?;
+            }
+            if let Some(qs) = &queue_server {
+                writeln!(out, "ferry: queue listening on {}", qs.local_addr())?;
             }
             if let Some((key, path)) = &new_key {
                 writeln!(
@@ -216,6 +255,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         if let Some(task) = api_task {
             let _ = task.await;
         }
+        if let Some(qs) = queue_server {
+            qs.shutdown().await;
+        }
+        drop(queue);
         server.shutdown().await;
         Ok(())
     })

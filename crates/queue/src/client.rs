@@ -282,7 +282,11 @@ impl QueueClient for RemoteQueue {
             let entry = resp.entries.into_iter().next();
             match entry {
                 Some(e) if is_ok(&e.status) => Ok(Sent {
-                    message_id: if e.message_id.is_empty() { id } else { e.message_id },
+                    message_id: if e.message_id.is_empty() {
+                        id
+                    } else {
+                        e.message_id
+                    },
                     offset: e.offset.max(0) as u64,
                 }),
                 Some(e) => Err(remote_err(e.status, "SendMessage")),

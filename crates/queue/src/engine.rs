@@ -103,7 +103,8 @@ fn handle(offset: u64, seq: u64) -> String {
 }
 
 fn parse_handle(h: &str) -> Result<(u64, u64), QueueError> {
-    let bad = || QueueError::InvalidReceiptHandle(format!("{h:?} is not a receipt handle of Ferry"));
+    let bad =
+        || QueueError::InvalidReceiptHandle(format!("{h:?} is not a receipt handle of Ferry"));
     let rest = h.strip_prefix("fq1-").ok_or_else(bad)?;
     let (off, seq) = rest.split_once('-').ok_or_else(bad)?;
     Ok((
@@ -197,7 +198,11 @@ impl Queue {
                     .map_err(|e| QueueError::Internal(format!("commit task: {e}")))?
                     .map_err(QueueError::Store)
             }
-            None => self.inner.engine.apply(&ops, false).map_err(QueueError::Store),
+            None => self
+                .inner
+                .engine
+                .apply(&ops, false)
+                .map_err(QueueError::Store),
         }
     }
 
@@ -217,7 +222,11 @@ impl Queue {
                     }),
                 )
                 .map_err(QueueError::Store),
-            None => self.inner.engine.apply(&ops, false).map_err(QueueError::Store),
+            None => self
+                .inner
+                .engine
+                .apply(&ops, false)
+                .map_err(QueueError::Store),
         }
     }
 
@@ -561,19 +570,28 @@ impl Queue {
                     .flatten();
                 let Some(idx) = idx else {
                     g.inflight.remove(&off);
-                    ops.push(Op::delete(Space::Queue, codec::inflight_key(tid, &req.group, off)));
+                    ops.push(Op::delete(
+                        Space::Queue,
+                        codec::inflight_key(tid, &req.group, off),
+                    ));
                     continue;
                 };
                 if f.attempt >= cfg.max_attempts {
                     g.inflight.remove(&off);
-                    ops.push(Op::delete(Space::Queue, codec::inflight_key(tid, &req.group, off)));
+                    ops.push(Op::delete(
+                        Space::Queue,
+                        codec::inflight_key(tid, &req.group, off),
+                    ));
                     dead.push(off);
                     continue;
                 }
                 if !idx_matches(&hashes, idx) {
                     // Subscription changed: the message no longer concerns this group.
                     g.inflight.remove(&off);
-                    ops.push(Op::delete(Space::Queue, codec::inflight_key(tid, &req.group, off)));
+                    ops.push(Op::delete(
+                        Space::Queue,
+                        codec::inflight_key(tid, &req.group, off),
+                    ));
                     continue;
                 }
                 g.seq += 1;
@@ -646,7 +664,10 @@ impl Queue {
         let g = t.groups.get_mut(&req.group).expect("inserted");
         for off in drop_offsets {
             g.inflight.remove(&off);
-            ops.push(Op::delete(Space::Queue, codec::inflight_key(tid, &req.group, off)));
+            ops.push(Op::delete(
+                Space::Queue,
+                codec::inflight_key(tid, &req.group, off),
+            ));
         }
         if deliveries.is_empty() {
             next_visible = g.inflight.values().map(|f| f.visible_at).min();
@@ -760,22 +781,23 @@ impl Queue {
         receipt_handle: &str,
         d: Duration,
     ) -> Result<String, QueueError> {
-        let (op, h) = self.with_delivery(ns, group, topic, receipt_handle, |tid, g, off, now| {
-            g.seq += 1;
-            let seq = g.seq;
-            let fl = g.inflight.get_mut(&off).expect("checked");
-            fl.seq = seq;
-            fl.visible_at = now.saturating_add(ms(d));
-            fl.auto_renew = None;
-            (
-                Op::put(
-                    Space::Queue,
-                    codec::inflight_key(tid, group, off),
-                    codec::inflight_value(fl.attempt, fl.visible_at, seq),
-                ),
-                handle(off, seq),
-            )
-        })?;
+        let (op, h) =
+            self.with_delivery(ns, group, topic, receipt_handle, |tid, g, off, now| {
+                g.seq += 1;
+                let seq = g.seq;
+                let fl = g.inflight.get_mut(&off).expect("checked");
+                fl.seq = seq;
+                fl.visible_at = now.saturating_add(ms(d));
+                fl.auto_renew = None;
+                (
+                    Op::put(
+                        Space::Queue,
+                        codec::inflight_key(tid, group, off),
+                        codec::inflight_value(fl.attempt, fl.visible_at, seq),
+                    ),
+                    handle(off, seq),
+                )
+            })?;
         self.persist(vec![op]).await?;
         Ok(h)
     }
@@ -788,14 +810,15 @@ impl Queue {
         topic: &str,
         receipt_handle: &str,
     ) -> Result<(), QueueError> {
-        let (tid, off, op) = self.with_delivery(ns, group, topic, receipt_handle, |tid, g, off, _| {
-            g.inflight.remove(&off);
-            (
-                tid,
-                off,
-                Op::delete(Space::Queue, codec::inflight_key(tid, group, off)),
-            )
-        })?;
+        let (tid, off, op) =
+            self.with_delivery(ns, group, topic, receipt_handle, |tid, g, off, _| {
+                g.inflight.remove(&off);
+                (
+                    tid,
+                    off,
+                    Op::delete(Space::Queue, codec::inflight_key(tid, group, off)),
+                )
+            })?;
         if let Some(m) = self.read_message(tid, topic, off)? {
             self.to_dead_letter(ns, group, m).await?;
         }
@@ -806,7 +829,12 @@ impl Queue {
     /// `auto_renew` whose client is `alive` and that would become visible within `within`.
     /// Returns how many were renewed. (Not persisted: after a restart the old deadline holds,
     /// which can only cause an early redelivery.)
-    pub fn renew_auto(&self, alive: &dyn Fn(&str) -> bool, within: Duration, extend: Duration) -> usize {
+    pub fn renew_auto(
+        &self,
+        alive: &dyn Fn(&str) -> bool,
+        within: Duration,
+        extend: Duration,
+    ) -> usize {
         let now = self.now_ms();
         let horizon = now.saturating_add(ms(within));
         let mut n = 0;
@@ -861,8 +889,14 @@ impl Queue {
                             break;
                         }
                         t.index.pop_front();
-                        ops.push(Op::delete(Space::Queue, codec::offset_key(MSG, t.id, t.first)));
-                        ops.push(Op::delete(Space::Queue, codec::offset_key(INDEX, t.id, t.first)));
+                        ops.push(Op::delete(
+                            Space::Queue,
+                            codec::offset_key(MSG, t.id, t.first),
+                        ));
+                        ops.push(Op::delete(
+                            Space::Queue,
+                            codec::offset_key(INDEX, t.id, t.first),
+                        ));
                         t.first += 1;
                         n += 1;
                     }
@@ -875,7 +909,10 @@ impl Queue {
                         let gone: Vec<u64> = g.inflight.range(..first).map(|(o, _)| *o).collect();
                         for off in gone {
                             g.inflight.remove(&off);
-                            ops.push(Op::delete(Space::Queue, codec::inflight_key(t.id, name, off)));
+                            ops.push(Op::delete(
+                                Space::Queue,
+                                codec::inflight_key(t.id, name, off),
+                            ));
                         }
                     }
                 }
@@ -939,7 +976,9 @@ fn restore(engine: &dyn Engine) -> Result<State, QueueError> {
             .expect("inserted");
         let mut first_seen = true;
         scan_all(engine, &codec::prefix(INDEX, *id), |k, v| {
-            let Some(off) = codec::u64_at(k, 9) else { return };
+            let Some(off) = codec::u64_at(k, 9) else {
+                return;
+            };
             let store_ms = codec::u64_at(v, 0).unwrap_or(0);
             let tag = codec::u64_at(v, 8).unwrap_or(0);
             if first_seen {
@@ -948,14 +987,19 @@ fn restore(engine: &dyn Engine) -> Result<State, QueueError> {
             }
             // Offsets are contiguous; a gap (a failed commit) is filled with dead entries.
             while t.next() < off {
-                t.index.push_back(Idx { store_ms, tag: DEAD });
+                t.index.push_back(Idx {
+                    store_ms,
+                    tag: DEAD,
+                });
             }
             if t.next() == off {
                 t.index.push_back(Idx { store_ms, tag });
             }
         })?;
         scan_all(engine, &codec::prefix(GROUP, *id), |k, v| {
-            let Ok(group) = std::str::from_utf8(&k[9..]) else { return };
+            let Ok(group) = std::str::from_utf8(&k[9..]) else {
+                return;
+            };
             t.groups.insert(
                 group.to_string(),
                 Group {
@@ -966,10 +1010,14 @@ fn restore(engine: &dyn Engine) -> Result<State, QueueError> {
             );
         })?;
         scan_all(engine, &codec::prefix(INFLIGHT, *id), |k, v| {
-            let Some((group, off)) = codec::parse_inflight_key(k) else { return };
-            let (Some(attempt), Some(visible_at), Some(seq)) =
-                (codec::u32_at(v, 0), codec::u64_at(v, 4), codec::u64_at(v, 12))
-            else {
+            let Some((group, off)) = codec::parse_inflight_key(k) else {
+                return;
+            };
+            let (Some(attempt), Some(visible_at), Some(seq)) = (
+                codec::u32_at(v, 0),
+                codec::u64_at(v, 4),
+                codec::u64_at(v, 12),
+            ) else {
                 return;
             };
             let g = t.groups.entry(group).or_default();

@@ -200,7 +200,9 @@ pub struct TopicInfo {
 pub enum QueueError {
     #[error("topic {0:?} does not exist")]
     TopicNotFound(String),
-    #[error("illegal topic name {0:?}: 1 to 127 characters of letters, digits, '%', '|', '-', '_'")]
+    #[error(
+        "illegal topic name {0:?}: 1 to 127 characters of letters, digits, '%', '|', '-', '_'"
+    )]
     IllegalTopic(String),
     #[error("illegal consumer group name {0:?}: 1 to 127 characters of letters, digits, '%', '|', '-', '_'")]
     IllegalGroup(String),

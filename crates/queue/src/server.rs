@@ -50,7 +50,11 @@ pub struct QueueServer {
 impl QueueServer {
     /// Binds, then serves in the background until [`QueueServer::shutdown`]; also runs the
     /// queue's maintenance (retention sweep) and the push consumers' auto-renewal.
-    pub async fn start(queue: Queue, meta: Arc<Meta>, cfg: ServerConfig) -> io::Result<QueueServer> {
+    pub async fn start(
+        queue: Queue,
+        meta: Arc<Meta>,
+        cfg: ServerConfig,
+    ) -> io::Result<QueueServer> {
         let listener = TcpListener::bind(cfg.listen).await?;
         let local_addr = listener.local_addr()?;
         let anonymous = cfg
@@ -125,7 +129,10 @@ pub fn tls_acceptor(files: Option<&TlsFiles>) -> io::Result<TlsAcceptor> {
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| bad(format!("queue.tls_cert {}: {e}", f.cert.display())))?;
             if certs.is_empty() {
-                return Err(bad(format!("queue.tls_cert {}: no certificate", f.cert.display())));
+                return Err(bad(format!(
+                    "queue.tls_cert {}: no certificate",
+                    f.cert.display()
+                )));
             }
             let key = PrivateKeyDer::from_pem_file(&f.key)
                 .map_err(|e| bad(format!("queue.tls_key {}: {e}", f.key.display())))?;
@@ -175,8 +182,9 @@ pub async fn serve(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let io = tokio::time::timeout(Duration::from_secs(10), sniff(stream, peer, acceptor))
-                    .await;
+                let io =
+                    tokio::time::timeout(Duration::from_secs(10), sniff(stream, peer, acceptor))
+                        .await;
                 match io {
                     Ok(Ok(io)) => {
                         let _ = tx.send(Ok(io)).await;
@@ -207,7 +215,10 @@ async fn sniff(stream: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor) -> io
     let mut first = [0u8; 1];
     let n = stream.peek(&mut first).await?;
     if n == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before a byte"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed before a byte",
+        ));
     }
     if first[0] == 0x16 {
         let tls = acceptor.accept(stream).await?;

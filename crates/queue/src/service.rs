@@ -201,11 +201,9 @@ impl MessagingService {
             .filter(|(_, n)| **n > 0)
             .map(|(c, _)| c.clone())
             .collect();
-        self.inner.queue.renew_auto(
-            &|c| alive.contains(c),
-            Duration::from_secs(20),
-            AUTO_RENEW,
-        )
+        self.inner
+            .queue
+            .renew_auto(&|c| alive.contains(c), Duration::from_secs(20), AUTO_RENEW)
     }
 
     fn authenticate(&self, md: &MetadataMap) -> Result<Caller, pb::Status> {
@@ -286,7 +284,10 @@ impl MessagingService {
         if c.publish {
             Ok(())
         } else {
-            Err(status(Code::Forbidden, "this AccessKey may not send (SubOnly)"))
+            Err(status(
+                Code::Forbidden,
+                "this AccessKey may not send (SubOnly)",
+            ))
         }
     }
 
@@ -294,7 +295,10 @@ impl MessagingService {
         if c.subscribe {
             Ok(())
         } else {
-            Err(status(Code::Forbidden, "this AccessKey may not consume (PubOnly)"))
+            Err(status(
+                Code::Forbidden,
+                "this AccessKey may not consume (PubOnly)",
+            ))
         }
     }
 
@@ -643,7 +647,10 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
                 assignments: vec![],
             }))
         };
-        let caller = match self.authenticate(&md).and_then(|c| Self::check_sub(&c).map(|_| c)) {
+        let caller = match self
+            .authenticate(&md)
+            .and_then(|c| Self::check_sub(&c).map(|_| c))
+        {
             Ok(c) => c,
             Err(s) => return fail(s),
         };
@@ -674,7 +681,10 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
                 content: Some(Content::Status(s)),
             })))
         };
-        let caller = match self.authenticate(&md).and_then(|c| Self::check_sub(&c).map(|_| c)) {
+        let caller = match self
+            .authenticate(&md)
+            .and_then(|c| Self::check_sub(&c).map(|_| c))
+        {
             Ok(c) => c,
             Err(s) => return fail(s),
         };
@@ -772,7 +782,10 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
     ) -> GrpcResult<pb::AckMessageResponse> {
         let md = req.metadata().clone();
         let r = req.into_inner();
-        let caller = match self.authenticate(&md).and_then(|c| Self::check_sub(&c).map(|_| c)) {
+        let caller = match self
+            .authenticate(&md)
+            .and_then(|c| Self::check_sub(&c).map(|_| c))
+        {
             Ok(c) => c,
             Err(s) => {
                 return Ok(Response::new(pb::AckMessageResponse {
@@ -817,7 +830,10 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
     ) -> GrpcResult<pb::ForwardMessageToDeadLetterQueueResponse> {
         let md = req.metadata().clone();
         let r = req.into_inner();
-        let s = match self.authenticate(&md).and_then(|c| Self::check_sub(&c).map(|_| c)) {
+        let s = match self
+            .authenticate(&md)
+            .and_then(|c| Self::check_sub(&c).map(|_| c))
+        {
             Err(s) => s,
             Ok(c) => match self
                 .inner
@@ -834,7 +850,9 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
                 Err(e) => err_status(&e),
             },
         };
-        Ok(Response::new(pb::ForwardMessageToDeadLetterQueueResponse { status: Some(s) }))
+        Ok(Response::new(pb::ForwardMessageToDeadLetterQueueResponse {
+            status: Some(s),
+        }))
     }
 
     async fn end_transaction(
@@ -959,7 +977,10 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
                 receipt_handle: String::new(),
             }))
         };
-        let c = match self.authenticate(&md).and_then(|c| Self::check_sub(&c).map(|_| c)) {
+        let c = match self
+            .authenticate(&md)
+            .and_then(|c| Self::check_sub(&c).map(|_| c))
+        {
             Ok(c) => c,
             Err(s) => return fail(s),
         };
@@ -1052,19 +1073,22 @@ mod tests {
     #[test]
     fn authorization_header_parses() {
         let v = "MQv2-HMAC-SHA1 Credential=AK/2024/x, SignedHeaders=x-mq-date-time, Signature=AB12";
-        assert_eq!(
-            parse_authorization(v),
-            Some(("AK".into(), "AB12".into()))
-        );
+        assert_eq!(parse_authorization(v), Some(("AK".into(), "AB12".into())));
         let anon = "MQv2-HMAC-SHA1 Credential=, SignedHeaders=x-mq-date-time, Signature=";
-        assert_eq!(parse_authorization(anon), Some((String::new(), String::new())));
+        assert_eq!(
+            parse_authorization(anon),
+            Some((String::new(), String::new()))
+        );
         assert_eq!(parse_authorization("Basic xyz"), None);
     }
 
     #[test]
     fn grpc_timeouts_parse() {
         assert_eq!(parse_grpc_timeout("30S"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_grpc_timeout("2500m"), Some(Duration::from_millis(2500)));
+        assert_eq!(
+            parse_grpc_timeout("2500m"),
+            Some(Duration::from_millis(2500))
+        );
         assert_eq!(parse_grpc_timeout("1M"), Some(Duration::from_secs(60)));
         assert_eq!(parse_grpc_timeout("x"), None);
         assert_eq!(parse_grpc_timeout(""), None);
