@@ -1,23 +1,44 @@
 //! A bare MQTT connection over `ferry-codec`: packets are encoded into one write buffer and
-//! written in large batches, and read with a large buffer, so one syscall carries many messages.
+//! written in large batches, and read with a buffer that grows while reads fill it, so one
+//! syscall carries many messages while an idle connection stays small.
+//!
+//! The transport is plain TCP (read straight into the buffer), or any byte stream (TLS,
+//! WebSocket) behind [`Io::Stream`].
 
-use anyhow::{bail, Context, Result};
-use bytes::BytesMut;
-use ferry_codec::{decode, Connect, Packet, Protocol, ReasonCode};
+use crate::error::Failure;
+use crate::transport::{self, Target};
+use bytes::{Buf, BytesMut};
+use ferry_codec::{decode, Connect, Packet, Properties, Protocol, ReasonCode};
+use std::future::poll_fn;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Free space kept in the read buffer before each read.
-const READ_BUF: usize = 256 * 1024;
+/// Smallest and largest read size; the size doubles while reads fill it.
+const READ_MIN: usize = 2 * 1024;
+const READ_MAX: usize = 256 * 1024;
 /// Encoded bytes gathered before writing stops taking new messages.
 pub(crate) const WRITE_BATCH: usize = 64 * 1024;
 /// Frames are not size-checked: the broker is trusted to send what it may.
 const MAX_PACKET: u32 = u32::MAX;
 
+/// A byte stream other than plain TCP.
+pub(crate) trait AsyncIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncIo for T {}
+
+pub(crate) enum Io {
+    Tcp(TcpStream),
+    Stream(Box<dyn AsyncIo>),
+}
+
 /// What [`Client::step`] saw.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Step {
-    /// Bytes arrived in `rbuf`: decode them with [`Client::try_decode`].
+    /// Bytes arrived in the read buffer: decode them with [`Client::try_decode`].
     Read,
     /// Some of `wbuf` was written, or a PINGREQ was queued.
     Wrote,
@@ -25,125 +46,207 @@ pub(crate) enum Step {
     Idle,
 }
 
+/// How to open a session.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    pub protocol: Protocol,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<Vec<u8>>,
+    /// Seconds; 0 = no keep-alive (unless an MQTT 5 broker imposes one).
+    pub keep_alive: u16,
+    /// `Some`: a persistent session (MQTT 3: clean session 0; MQTT 5: this session expiry).
+    pub session_expiry: Option<u32>,
+    /// Local address to connect from (several 127.0.0.x get past the ephemeral-port limit).
+    pub bind: Option<IpAddr>,
+}
+
 pub(crate) struct Client {
-    stream: TcpStream,
+    io: Io,
     rbuf: BytesMut,
+    read_size: usize,
     /// Encoded packets not yet written.
     pub wbuf: BytesMut,
     protocol: Protocol,
-    /// Set when an MQTT 5 broker imposed a keep-alive (Server Keep Alive): PINGREQ this often.
+    /// PINGREQ after this long without writing anything (keep-alive).
     ping_every: Option<Duration>,
     next_ping: Option<Instant>,
+    /// Unanswered PINGREQs: two in a row mean the broker is gone.
+    pings_unanswered: u32,
 }
 
 impl Client {
-    /// Opens a TCP connection, sends a CONNECT without keep-alive and waits for a successful
-    /// CONNACK. With `session_expiry`, the session is persistent (MQTT 3: clean session 0;
-    /// MQTT 5: that session expiry interval); otherwise it is a clean session.
+    /// Connects, sends CONNECT and waits for a successful CONNACK, all within `timeout`.
     pub async fn connect(
-        host: &str,
-        port: u16,
-        protocol: Protocol,
-        client_id: &str,
-        session_expiry: Option<u32>,
-    ) -> Result<Client> {
-        let stream = TcpStream::connect((host, port))
-            .await
-            .with_context(|| format!("cannot connect to {host}:{port}"))?;
-        stream.set_nodelay(true)?;
+        target: &Target,
+        opts: &ConnectOptions,
+        timeout: Duration,
+    ) -> Result<Client, Failure> {
+        match tokio::time::timeout(timeout, Self::connect_inner(target, opts)).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure::new(
+                "connect timeout",
+                format!("no CONNACK within {timeout:?}"),
+            )),
+        }
+    }
+
+    async fn connect_inner(target: &Target, opts: &ConnectOptions) -> Result<Client, Failure> {
+        let io = transport::open(target, opts.bind).await?;
         let mut client = Client {
-            stream,
-            rbuf: BytesMut::with_capacity(READ_BUF),
-            wbuf: BytesMut::with_capacity(2 * WRITE_BATCH),
-            protocol,
+            io,
+            rbuf: BytesMut::new(),
+            read_size: READ_MIN,
+            wbuf: BytesMut::new(),
+            protocol: opts.protocol,
             ping_every: None,
             next_ping: None,
+            pings_unanswered: 0,
         };
-        let mut properties = ferry_codec::Properties::default();
-        if protocol.is_v5() {
-            properties.session_expiry_interval = session_expiry;
+        let mut properties = Properties::default();
+        if opts.protocol.is_v5() {
+            properties.session_expiry_interval = opts.session_expiry;
         }
         client.push(&Packet::Connect(Box::new(Connect {
-            protocol,
-            clean_start: session_expiry.is_none(),
-            keep_alive: 0,
-            client_id: client_id.into(),
+            protocol: opts.protocol,
+            clean_start: opts.session_expiry.is_none(),
+            keep_alive: opts.keep_alive,
+            client_id: opts.client_id.as_str().into(),
             will: None,
-            username: None,
-            password: None,
+            username: opts.username.as_deref().map(Into::into),
+            password: opts.password.clone().map(Into::into),
             properties,
         })))?;
         client.flush().await?;
         match client.recv().await? {
             Packet::ConnAck(ack) if ack.code == ReasonCode::SUCCESS => {
-                client.ping_every = ack
-                    .properties
-                    .server_keep_alive
-                    .filter(|&secs| secs > 0)
-                    .map(|secs| Duration::from_secs(u64::from(secs)) / 2);
-                client.next_ping = client.ping_every.map(|every| Instant::now() + every);
+                let secs = ack.properties.server_keep_alive.unwrap_or(opts.keep_alive);
+                if secs > 0 {
+                    // Well inside the interval, so the broker never sees us late.
+                    client.ping_every = Some(Duration::from_secs(u64::from(secs)) * 3 / 4);
+                    client.next_ping = client.ping_every.map(|every| Instant::now() + every);
+                }
                 Ok(client)
             }
-            Packet::ConnAck(ack) => bail!("connection refused: {}", ack.code),
-            other => bail!("expected CONNACK, got {}", other.packet_type().name()),
+            Packet::ConnAck(ack) => Err(connack_failure(ack.code)),
+            other => Err(Failure::new(
+                "protocol error",
+                format!("expected CONNACK, got {}", other.packet_type().name()),
+            )),
         }
     }
 
     /// Appends `packet` to the write buffer.
-    pub fn push(&mut self, packet: &Packet) -> Result<()> {
+    pub fn push(&mut self, packet: &Packet) -> Result<(), Failure> {
         packet
             .encode(self.protocol, &mut self.wbuf)
-            .context("cannot encode packet")
+            .map_err(|e| Failure::new("encode", e.to_string()))
     }
 
     /// Writes the whole write buffer.
-    pub async fn flush(&mut self) -> Result<()> {
-        self.stream.write_all_buf(&mut self.wbuf).await?;
-        Ok(())
+    pub async fn flush(&mut self) -> Result<(), Failure> {
+        while !self.wbuf.is_empty() {
+            let Client { io, wbuf, .. } = self;
+            poll_fn(|cx| poll_write(io, cx, wbuf))
+                .await
+                .map_err(io_failure)?;
+        }
+        let io = &mut self.io;
+        poll_fn(|cx| poll_flush(io, cx)).await.map_err(io_failure)
     }
 
     /// Takes one complete packet off the read buffer, if there is one.
-    pub fn try_decode(&mut self) -> Result<Option<Packet>> {
-        decode(&mut self.rbuf, self.protocol, MAX_PACKET).context("malformed packet from broker")
+    pub fn try_decode(&mut self) -> Result<Option<Packet>, Failure> {
+        let packet = decode(&mut self.rbuf, self.protocol, MAX_PACKET)
+            .map_err(|e| Failure::new("malformed packet", e.to_string()))?;
+        if matches!(packet, Some(Packet::PingResp)) {
+            self.pings_unanswered = 0;
+        }
+        Ok(packet)
     }
 
     /// Reads until one packet is complete.
-    pub async fn recv(&mut self) -> Result<Packet> {
+    pub async fn recv(&mut self) -> Result<Packet, Failure> {
         loop {
             if let Some(packet) = self.try_decode()? {
                 return Ok(packet);
             }
-            self.reserve();
-            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
-                bail!("broker closed the connection");
+            let Client {
+                io,
+                rbuf,
+                read_size,
+                ..
+            } = self;
+            let n = poll_fn(|cx| poll_read(io, cx, rbuf, *read_size))
+                .await
+                .map_err(io_failure)?;
+            if n == 0 {
+                return Err(closed());
             }
         }
     }
 
     /// Waits for the next thing to happen: a read, a (partial) write of `wbuf` when it is not
     /// empty, the keep-alive ping timer, or `deadline`.
-    pub async fn step(&mut self, deadline: Instant) -> Result<Step> {
-        self.reserve();
-        let (mut rd, mut wr) = self.stream.split();
+    pub async fn step(&mut self, deadline: Instant) -> Result<Step, Failure> {
         let ping_at = self.next_ping;
-        tokio::select! {
-            res = rd.read_buf(&mut self.rbuf) => {
-                if res? == 0 {
-                    bail!("broker closed the connection");
+        let Client {
+            io,
+            rbuf,
+            read_size,
+            wbuf,
+            ..
+        } = self;
+        let io_step = poll_fn(|cx| {
+            let mut wrote = false;
+            if !wbuf.is_empty() {
+                match poll_write(io, cx, wbuf) {
+                    Poll::Ready(Ok(())) => wrote = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
                 }
-                Ok(Step::Read)
             }
-            res = wr.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => {
-                res?;
-                Ok(Step::Wrote)
+            // TLS and WebSocket streams buffer: push out what they hold.
+            if wbuf.is_empty() {
+                if let Poll::Ready(Err(e)) = poll_flush(io, cx) {
+                    return Poll::Ready(Err(e));
+                }
             }
+            match poll_read(io, cx, rbuf, *read_size) {
+                Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+                Poll::Ready(Ok(n)) => {
+                    if n >= *read_size && *read_size < READ_MAX {
+                        *read_size *= 2;
+                    }
+                    Poll::Ready(Ok(Step::Read))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending if wrote => Poll::Ready(Ok(Step::Wrote)),
+                Poll::Pending => Poll::Pending,
+            }
+        });
+        let step = tokio::select! {
+            res = io_step => match res {
+                Ok(step) => step,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(closed()),
+                Err(e) => return Err(io_failure(e)),
+            },
             _ = sleep_until(ping_at), if ping_at.is_some() => {
+                if self.pings_unanswered >= 2 {
+                    return Err(Failure::new("keep-alive timeout", "two PINGREQs unanswered"));
+                }
+                self.pings_unanswered += 1;
                 self.push(&Packet::PingReq)?;
-                self.next_ping = self.ping_every.map(|every| Instant::now() + every);
-                Ok(Step::Wrote)
+                Step::Wrote
             }
-            _ = tokio::time::sleep_until(deadline.into()) => Ok(Step::Idle),
+            _ = tokio::time::sleep_until(deadline.into()) => Step::Idle,
+        };
+        if step == Step::Wrote {
+            if let Some(every) = self.ping_every {
+                self.next_ping = Some(Instant::now() + every);
+            }
         }
+        Ok(step)
     }
 
     /// Sends DISCONNECT after whatever is still buffered, and closes the write side. Bounded in
@@ -154,17 +257,101 @@ impl Client {
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             self.flush().await?;
-            self.stream.shutdown().await?;
-            anyhow::Ok(())
+            let io = &mut self.io;
+            poll_fn(|cx| poll_shutdown(io, cx))
+                .await
+                .map_err(io_failure)
         })
         .await;
     }
+}
 
-    fn reserve(&mut self) {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_BUF / 4 {
-            self.rbuf.reserve(READ_BUF);
+/// Reads at most `size` bytes into `buf`'s spare room.
+fn poll_read(
+    io: &mut Io,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    size: usize,
+) -> Poll<io::Result<usize>> {
+    match io {
+        Io::Tcp(stream) => loop {
+            ready!(stream.poll_read_ready(cx))?;
+            if buf.capacity() - buf.len() < size / 2 {
+                buf.reserve(size);
+            }
+            match stream.try_read_buf(buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        },
+        Io::Stream(stream) => {
+            let len = buf.len();
+            buf.resize(len + size, 0);
+            let mut read = ReadBuf::new(&mut buf[len..]);
+            let res = Pin::new(stream).poll_read(cx, &mut read);
+            let n = read.filled().len();
+            buf.truncate(len + n);
+            match res {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
         }
     }
+}
+
+/// Writes some of `buf` (and drops what was written from it).
+fn poll_write(io: &mut Io, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<()>> {
+    let n = match io {
+        Io::Tcp(stream) => ready!(Pin::new(stream).poll_write(cx, buf))?,
+        Io::Stream(stream) => ready!(Pin::new(stream).poll_write(cx, buf))?,
+    };
+    if n == 0 {
+        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+    }
+    buf.advance(n);
+    Poll::Ready(Ok(()))
+}
+
+fn poll_flush(io: &mut Io, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    match io {
+        Io::Tcp(_) => Poll::Ready(Ok(())),
+        Io::Stream(stream) => Pin::new(stream).poll_flush(cx),
+    }
+}
+
+fn poll_shutdown(io: &mut Io, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    match io {
+        Io::Tcp(stream) => Pin::new(stream).poll_shutdown(cx),
+        Io::Stream(stream) => Pin::new(stream).poll_shutdown(cx),
+    }
+}
+
+fn closed() -> Failure {
+    Failure::new("closed by broker", "the broker closed the connection")
+}
+
+pub(crate) fn io_failure(e: io::Error) -> Failure {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => closed(),
+        io::ErrorKind::ConnectionReset => Failure::new("connection reset", e.to_string()),
+        io::ErrorKind::BrokenPipe => Failure::new("connection reset", e.to_string()),
+        io::ErrorKind::ConnectionRefused => Failure::new("connection refused", e.to_string()),
+        _ => Failure::new("i/o error", e.to_string()),
+    }
+}
+
+/// A refused CONNACK, by kind: authentication problems are told apart from the rest.
+fn connack_failure(code: ReasonCode) -> Failure {
+    let kind = match code {
+        ReasonCode::BAD_USER_NAME_OR_PASSWORD | ReasonCode::NOT_AUTHORIZED => "auth refused",
+        ReasonCode::SERVER_UNAVAILABLE | ReasonCode::SERVER_BUSY | ReasonCode::QUOTA_EXCEEDED => {
+            "server busy"
+        }
+        _ => "connack refused",
+    };
+    Failure::new(kind, format!("CONNACK {code}"))
 }
 
 async fn sleep_until(at: Option<Instant>) {

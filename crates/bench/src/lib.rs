@@ -1,20 +1,32 @@
-//! Ferry's MQTT load generator. It speaks MQTT through `ferry-codec` directly (no client
-//! library), so it can drive any broker, Ferry or another, and costs little CPU per message.
+//! Ferry's MQTT load generator (`ferry bench`). It speaks MQTT through `ferry-codec` directly
+//! (no client library), so it can drive any broker, Ferry or another, with many clients per
+//! process at little CPU per message.
 //!
-//! Scenarios:
-//! - [`pubsub`]: one publisher → one subscriber on one topic, at QoS 0, 1 or 2. Reports
-//!   messages sent and received, throughput (received messages per second, from the first send
-//!   to the last receipt) and end-to-end latency percentiles.
+//! - [`run::run`] runs a [`run::Plan`]: subscribers, idle connections and publishers, with topic
+//!   patterns (`%i`), QoS 0/1/2, payload size, count / duration / rate per publisher, connection
+//!   ramp rate, source addresses, authentication (including the cloud's Signature mode), over
+//!   TCP, TLS, WebSocket or WSS. Its [`Report`] holds connections, messages sent / received /
+//!   lost, throughput, latency percentiles (HDR histogram, from a timestamp in the payload) and
+//!   errors by kind.
+//! - [`pubsub`]: the first, single-pair scenario (one publisher → one subscriber), kept for
+//!   `bench/quick-compare.sh` and `bench/durability.sh`.
 //!
-//! Every run stops on its own: when all messages arrived, or after a given time without
-//! progress.
-//!
-//! How it stays cheap: packets are encoded into one buffer and written in batches of tens of
-//! kilobytes, reads use a large buffer, and publisher and subscriber run as two futures on one
-//! thread (run it under a current-thread Tokio runtime and pin it to a core to keep it away from
-//! the broker).
+//! How it stays cheap: packets are encoded into one buffer per connection and written in
+//! batches of tens of kilobytes; read buffers grow while reads fill them (and stay small on idle
+//! connections); run it under a current-thread Tokio runtime pinned to a core to keep it away
+//! from the broker.
 
 mod client;
+pub mod error;
 pub mod pubsub;
+pub mod report;
+pub mod run;
+pub mod transport;
+mod ws;
 
-pub use pubsub::{run_pubsub, PubSubOptions, Report};
+pub use client::ConnectOptions;
+pub use error::Failure;
+pub use pubsub::{run_pubsub, PubSubOptions};
+pub use report::Report;
+pub use run::{run, Auth, Common, Plan, PubSpec, SubSpec};
+pub use transport::{Target, TlsOptions, Transport};

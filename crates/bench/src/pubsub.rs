@@ -5,7 +5,8 @@
 //! `inflight` messages unacknowledged. The first 8 bytes of each payload are the send time in
 //! nanoseconds since a common start, so the subscriber measures end-to-end latency.
 
-use crate::client::{Client, Step, WRITE_BATCH};
+use crate::client::{Client, ConnectOptions, Step, WRITE_BATCH};
+use crate::transport::{Target, Transport};
 use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 use ferry_codec::{ByteStr, Packet, Protocol, PubAck, Publish, QoS, SubOptions, Subscribe};
@@ -131,27 +132,35 @@ pub async fn run_pubsub(opts: &PubSubOptions) -> Result<Report> {
         .unwrap_or_else(|| format!("ferry-bench/{id}"));
 
     let sub_expiry = opts.persistent.then_some(600);
-    let mut sub = Client::connect(
+    let target = Target::new(
         &opts.host,
         opts.port,
-        opts.protocol,
-        &format!("fbs-{id}"),
-        sub_expiry,
-    )
-    .await
-    .context("subscriber")?;
+        Transport::Tcp,
+        "/",
+        &Default::default(),
+    )?;
+    let connect = |client_id: String, session_expiry| {
+        let options = ConnectOptions {
+            protocol: opts.protocol,
+            client_id,
+            username: None,
+            password: None,
+            keep_alive: 0,
+            session_expiry,
+            bind: None,
+        };
+        let target = &target;
+        async move { Client::connect(target, &options, opts.timeout).await }
+    };
+    let mut sub = connect(format!("fbs-{id}"), sub_expiry)
+        .await
+        .context("subscriber")?;
     subscribe(&mut sub, &topic, opts.qos)
         .await
         .context("subscriber")?;
-    let publ = Client::connect(
-        &opts.host,
-        opts.port,
-        opts.protocol,
-        &format!("fbp-{id}"),
-        None,
-    )
-    .await
-    .context("publisher")?;
+    let publ = connect(format!("fbp-{id}"), None)
+        .await
+        .context("publisher")?;
 
     let start = Instant::now();
     let (p, s) = tokio::join!(
