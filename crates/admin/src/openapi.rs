@@ -333,6 +333,10 @@ fn settings_properties() -> Vec<(&'static str, Value)> {
             "offline_retention_secs",
             int("Seconds a queued message waits for an offline persistent session; 0 = until the session ends."),
         ),
+        (
+            "max_offline_messages",
+            int("Queued messages kept for offline persistent sessions, the whole instance together; beyond it the oldest are evicted, counted and raise an alarm."),
+        ),
     ]
 }
 
@@ -520,6 +524,17 @@ fn schemas() -> Value {
                 ("queued", int("Messages waiting to be sent.")),
             ],
             &["client_id", "online", "address", "protocol_level", "last_activity", "subscriptions", "inflight", "queued"],
+        ),
+        "Alarm": object(
+            "An instance alarm event.",
+            vec![
+                ("kind", json!({ "type": "string", "enum": ["offline_messages_evicted"], "description": "What happened." })),
+                ("message", string("What happened, for people.")),
+                ("count", int("Occurrences (evicted messages) folded into this event.")),
+                ("first_at", int("Epoch ms of the first occurrence.")),
+                ("last_at", int("Epoch ms of the latest occurrence.")),
+            ],
+            &["kind", "message", "count", "first_at", "last_at"],
         ),
         "Kicked": object(
             "The result of disconnecting a client.",

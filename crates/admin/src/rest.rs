@@ -562,6 +562,19 @@ pub fn table() -> Vec<Route> {
         // Clients
         route(
             Operation {
+                tag: "instances",
+                summary: "List the instance's alarm events",
+                description: "Events an operator must hear about, oldest first: `offline_messages_evicted` \
+when the instance held `max_offline_messages` queued messages and the oldest were deleted. Repeats within a \
+minute fold into one event (`count`, `last_at`). The newest 1,000 events (all instances) are kept, in memory.",
+                reply: Reply::List("Alarm"),
+                errors: E_LIST,
+                ..op(Get, "/api/v1/instances/{instance}/alarms", "listAlarms")
+            },
+            list_alarms,
+        ),
+        route(
+            Operation {
                 tag: "clients",
                 summary: "List the client sessions of an instance",
                 reply: Reply::List("ClientView"),
@@ -1150,6 +1163,36 @@ impl From<ClientView> for ClientOut {
             queued: c.queued,
         }
     }
+}
+
+#[derive(Serialize)]
+struct AlarmOut {
+    kind: &'static str,
+    message: String,
+    count: u64,
+    first_at: u64,
+    last_at: u64,
+}
+
+async fn list_alarms(
+    _: Admin,
+    State(s): St,
+    P(instance): P<String>,
+) -> ApiResult<Json<Vec<AlarmOut>>> {
+    s.meta.instance(&instance)?;
+    let alarms = s.control.alarms(&instance);
+    Ok(Json(
+        alarms
+            .into_iter()
+            .map(|a| AlarmOut {
+                kind: a.kind.as_str(),
+                message: a.message,
+                count: a.count,
+                first_at: a.first_ms,
+                last_at: a.last_ms,
+            })
+            .collect(),
+    ))
 }
 
 async fn list_clients(

@@ -548,7 +548,7 @@ async fn openapi_document_matches_the_routes() {
         .map(|o| (o.method.as_str().to_string(), o.path.to_string()))
         .collect();
     assert_eq!(documented, table);
-    assert_eq!(documented.len(), 32, "the contract has 32 operations");
+    assert_eq!(documented.len(), 33, "the contract has 33 operations");
 
     // Every documented operation is served: with credentials it is neither 405 nor an unknown
     // route; without them, every one but the document answers 401.
@@ -688,6 +688,12 @@ async fn instances() {
     assert_eq!(inst["settings"]["max_keep_alive"], 60);
     assert_eq!(inst["settings"]["require_parent_topic"], true);
     assert_eq!(inst["settings"]["max_subscriptions_per_client"], 30);
+    assert_eq!(inst["settings"]["max_offline_messages"], 1_000_000);
+    // No alarm yet; an unknown instance has none to list.
+    let alarms = env.get("/api/v1/instances/cloud-1/alarms").await;
+    assert_eq!(alarms.status, 200);
+    assert_eq!(alarms.json(), json!([]));
+    assert_eq!(env.get("/api/v1/instances/nope/alarms").await.status, 404);
     let created = inst["created_at"].as_u64().unwrap();
     assert!(created.abs_diff(now_ms()) < 60_000);
 

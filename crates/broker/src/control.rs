@@ -154,6 +154,11 @@ impl Control {
         self.run(instance, move |b, now| b.kick(&id, now)).await
     }
 
+    /// The instance's alarm events (offline messages evicted at its cap, …), oldest first.
+    pub fn alarms(&self, instance: &str) -> Vec<crate::alarms::Alarm> {
+        self.instances.metrics.alarms.list(Some(instance))
+    }
+
     /// The instance of clients without a cloud user name.
     pub fn default_instance(&self) -> &str {
         &self.instances.default_instance

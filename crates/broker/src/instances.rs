@@ -44,6 +44,7 @@ pub fn instance_limits(base: &Limits, s: &InstanceSettings) -> Limits {
         max_subscriptions_per_client: s.max_subscriptions_per_client as usize,
         max_payload_size: s.max_payload_size,
         p2p: s.p2p,
+        max_offline_messages: s.max_offline_messages,
         ..base.clone()
     }
 }
@@ -55,7 +56,7 @@ pub(crate) struct Instances {
     base: Limits,
     acl: Acl,
     router_queue: usize,
-    metrics: Arc<Metrics>,
+    pub metrics: Arc<Metrics>,
     routers: Mutex<HashMap<String, (mpsc::Sender<RouterMsg>, Limits)>>,
     persistence: Option<Arc<Persistence>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,

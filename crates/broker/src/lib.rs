@@ -14,10 +14,12 @@
 //! - [`outbox`]: the bounded router → connection queue (QoS 0 overflow is dropped and counted).
 //! - [`auth`]: user name / password authentication of the default listener.
 //! - [`metrics`]: the counters.
+//! - [`alarms`]: instance alarm events (offline messages evicted at the cap).
 //!
 //! Connections talk to the router over one bounded channel; the router never waits on a
 //! connection. Every queue is bounded.
 
+pub mod alarms;
 pub mod auth;
 mod connection;
 pub mod control;

@@ -15,4 +15,10 @@ pub struct Metrics {
     pub retained: AtomicU64,
     /// Connections closed for malformed or hostile input.
     pub protocol_errors: AtomicU64,
+    /// Offline messages evicted because an instance reached its cap.
+    pub offline_evicted: AtomicU64,
+    /// Queued messages on disk, all instances.
+    pub offline_messages: AtomicU64,
+    /// Instance alarm events.
+    pub alarms: crate::alarms::Alarms,
 }

@@ -606,6 +606,69 @@ impl Persistence {
     }
 }
 
+/// What [`Persistence::evict`] did: the deletions to write, how many, the position of the last
+/// one, and the oldest queued message left (`None`: none).
+#[derive(Debug, Default)]
+pub struct Eviction {
+    pub deletes: Vec<Op>,
+    pub deleted: u64,
+    pub last_deleted: u64,
+    pub next_head: Option<u64>,
+}
+
+impl Persistence {
+    /// Carries out a core [`EvictRequest`](ferry_core::offline::EvictRequest): the queued
+    /// messages of `client_id` after `after_seq` and up to `below_seq`, at most `max`, oldest
+    /// first (in-flight ones stay).
+    pub fn evict(
+        &self,
+        instance: &str,
+        client_id: &str,
+        after_seq: u64,
+        below_seq: u64,
+        max: u64,
+    ) -> Result<Eviction, StoreError> {
+        let prefix = messages_prefix(instance, client_id);
+        let mut after = message_key(instance, client_id, after_seq);
+        let mut out = Eviction::default();
+        let page_size = (max.min(PAGE as u64) as usize).max(16);
+        loop {
+            let page = self
+                .engine
+                .scan(Space::Messages, &prefix, Some(&after), page_size)?;
+            let full = page.len() == page_size;
+            for (key, value) in page {
+                after.clone_from(&key);
+                if value.get(1) != Some(&0) {
+                    continue; // in flight: not an offline message
+                }
+                let seq = key_seq(&key, prefix.len())?;
+                if seq > below_seq || out.deleted >= max {
+                    out.next_head = Some(seq);
+                    return Ok(out);
+                }
+                out.deletes.push(Op::Delete {
+                    space: Space::Messages,
+                    key,
+                });
+                out.deleted += 1;
+                out.last_deleted = seq;
+            }
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The client id of a stored message's key (for counting what the retention sweep
+    /// deleted), if `key` is one of `instance`'s.
+    pub fn message_client<'k>(&self, instance: &str, key: &'k [u8]) -> Option<&'k str> {
+        let rest = key.strip_prefix(prefix(instance).as_slice())?;
+        let end = rest.len().checked_sub(9)?;
+        std::str::from_utf8(&rest[..end]).ok()
+    }
+}
+
 /// What a restore found.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RestoreStats {

@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::persist::Persistence;
 use ferry_codec::{Connect, Disconnect, Packet, Properties};
+use ferry_core::offline::EvictRequest;
 use ferry_core::{Accepted, Broker, ClientGrant, ConnId, Output, Permissions, Stats};
 use ferry_store::StoreError;
 use std::collections::{HashMap, VecDeque};
@@ -70,6 +71,9 @@ pub struct StoreLink {
     pub retention: Option<std::time::Duration>,
 }
 
+/// Sessions whose offline messages one call of `run_evictions` looks at.
+const EVICTION_ROUNDS: usize = 256;
+
 /// How often the retention sweep looks at the next page of an instance's stored messages.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -94,6 +98,8 @@ struct Router {
     committed: u64,
     /// Loads of spilled messages waiting for a batch to be durable: (batch, request).
     loads: Vec<(u64, ferry_core::persist::LoadRequest)>,
+    /// Evictions of offline messages waiting for a batch to be durable: (batch, request).
+    evictions: Vec<(u64, EvictRequest)>,
     /// Where the retention sweep continues.
     sweep_cursor: Option<Vec<u8>>,
 }
@@ -117,8 +123,12 @@ pub async fn run(
         submitted: 0,
         committed: 0,
         loads: Vec::new(),
+        evictions: Vec::new(),
         sweep_cursor: None,
     };
+    // A restored instance may hold more than its cap (the cap was lowered meanwhile).
+    broker.enforce_offline_cap();
+    r.take_loads(&mut broker);
     let sweeping = r.store.as_ref().is_some_and(|s| s.retention.is_some());
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -135,8 +145,14 @@ pub async fn run(
                 r.release(&mut broker, n, result);
                 continue;
             }
+            _ = std::future::ready(()), if r.evictions_ready() => {
+                // Evictions left over from a bounded round: go on between other events.
+                r.run_evictions(&mut broker);
+                continue;
+            }
             _ = sweep.tick(), if sweeping => {
-                r.sweep();
+                r.sweep(&mut broker);
+                r.take_loads(&mut broker);
                 continue;
             }
             _ = sleep_until(deadline) => {
@@ -216,6 +232,7 @@ struct Seen {
     stats: Stats,
     sessions: u64,
     retained: u64,
+    offline: u64,
 }
 
 fn output_conn(output: &Output) -> ConnId {
@@ -227,6 +244,10 @@ fn output_conn(output: &Output) -> ConnId {
 }
 
 impl Router {
+    fn evictions_ready(&self) -> bool {
+        self.evictions.iter().any(|(b, _)| *b <= self.committed)
+    }
+
     fn holding(&self) -> bool {
         self.store.as_ref().is_some_and(|s| s.persistence.sync)
     }
@@ -306,8 +327,8 @@ impl Router {
         }
     }
 
-    /// Takes the core's load requests; each runs once everything written before it is durable
-    /// (a read must see the writes that spilled the messages).
+    /// Takes the core's load and eviction requests; each runs once everything written before
+    /// it is durable (a read must see the writes that spilled the messages).
     fn take_loads(&mut self, broker: &mut Broker) {
         let requests: Vec<_> = broker.drain_loads().collect();
         for request in requests {
@@ -315,6 +336,73 @@ impl Router {
         }
         if !self.loads.is_empty() {
             self.run_loads(broker);
+        }
+        let requests: Vec<_> = broker.drain_evictions().collect();
+        for request in requests {
+            self.evictions.push((self.submitted, request));
+        }
+        if !self.evictions.is_empty() {
+            self.run_evictions(broker);
+        }
+    }
+
+    /// Carries out the evictions whose writes are durable: the oldest offline messages of the
+    /// instance go until it is back under its cap (at most [`EVICTION_ROUNDS`] sessions per
+    /// call; the rest continue at the next one).
+    fn run_evictions(&mut self, broker: &mut Broker) {
+        self.evict_rounds(broker);
+        self.update_metrics(broker);
+    }
+
+    fn evict_rounds(&mut self, broker: &mut Broker) {
+        let Some(link) = &self.store else {
+            self.evictions.clear();
+            return;
+        };
+        let persistence = link.persistence.clone();
+        let instance = link.instance.clone();
+        let mut rounds = 0;
+        while rounds < EVICTION_ROUNDS {
+            let committed = self.committed;
+            let Some(i) = self.evictions.iter().position(|(b, _)| *b <= committed) else {
+                return;
+            };
+            let (_, request) = self.evictions.swap_remove(i);
+            rounds += 1;
+            match persistence.evict(
+                &instance,
+                &request.client_id,
+                request.after_seq,
+                request.below_seq,
+                request.max,
+            ) {
+                Ok(eviction) => {
+                    if !eviction.deletes.is_empty() {
+                        if let Err(e) = persistence
+                            .writer
+                            .submit(eviction.deletes, Box::new(|_| {}))
+                        {
+                            error!(error = %e, "cannot delete evicted offline messages");
+                        }
+                    }
+                    broker.evicted(
+                        &request.client_id,
+                        eviction.deleted,
+                        eviction.last_deleted,
+                        eviction.next_head,
+                    );
+                }
+                Err(e) => {
+                    error!(error = %e, client_id = %request.client_id, "cannot read offline messages to evict");
+                    // Try again after the next commit.
+                    self.evictions.push((self.submitted + 1, request));
+                    return;
+                }
+            }
+            let requests: Vec<_> = broker.drain_evictions().collect();
+            for request in requests {
+                self.evictions.push((self.submitted, request));
+            }
         }
     }
 
@@ -344,7 +432,7 @@ impl Router {
                 ) {
                     Ok((messages, stale)) => {
                         broker.loaded(&request.client_id, request.limit, messages, Instant::now());
-                        self.forget(stale);
+                        self.forget(broker, stale);
                     }
                     Err(e) => {
                         error!(error = %e, client_id = %request.client_id, "cannot read queued messages")
@@ -360,13 +448,23 @@ impl Router {
         }
     }
 
-    /// Deletes queued messages whose retention passed (nothing waits for these writes).
-    fn forget(&mut self, stale: Vec<ferry_store::Op>) {
+    /// Deletes queued messages whose retention passed (nothing waits for these writes); they
+    /// stop counting towards the instance's cap.
+    fn forget(&mut self, broker: &mut Broker, stale: Vec<ferry_store::Op>) {
         let Some(link) = &self.store else {
             return;
         };
         if stale.is_empty() {
             return;
+        }
+        let mut per_client: HashMap<&str, u64> = HashMap::new();
+        for op in &stale {
+            if let Some(client) = link.persistence.message_client(&link.instance, op.key()) {
+                *per_client.entry(client).or_default() += 1;
+            }
+        }
+        for (client, n) in per_client {
+            broker.discarded_offline(client, n);
         }
         if let Err(e) = link.persistence.writer.submit(stale, Box::new(|_| {})) {
             error!(error = %e, "cannot delete expired offline messages");
@@ -374,7 +472,7 @@ impl Router {
     }
 
     /// One bounded step of the retention sweep, for sessions that never come back.
-    fn sweep(&mut self) {
+    fn sweep(&mut self, broker: &mut Broker) {
         let Some(link) = &self.store else {
             return;
         };
@@ -388,7 +486,7 @@ impl Router {
         ) {
             Ok((stale, next)) => {
                 self.sweep_cursor = next;
-                self.forget(stale);
+                self.forget(broker, stale);
             }
             Err(e) => error!(error = %e, "retention sweep failed"),
         }
@@ -401,6 +499,9 @@ impl Router {
         self.release_held(batch, result);
         if !self.loads.is_empty() {
             self.run_loads(broker);
+        }
+        if !self.evictions.is_empty() {
+            self.run_evictions(broker);
         }
     }
 
@@ -461,7 +562,38 @@ impl Router {
             stats.dropped_queue_full,
             seen.stats.dropped_queue_full,
         );
+        add(
+            &metrics.offline_evicted,
+            stats.evicted_offline,
+            seen.stats.evicted_offline,
+        );
+        if stats.evicted_offline > seen.stats.evicted_offline {
+            let instance = self.store.as_ref().map_or("", |s| s.instance.as_str());
+            let evicted = stats.evicted_offline - seen.stats.evicted_offline;
+            metrics.alarms.raise(
+                instance,
+                crate::alarms::AlarmKind::OfflineMessagesEvicted,
+                evicted,
+                format!(
+                    "offline messages evicted (oldest first): the instance holds its cap of {} queued messages",
+                    broker.limits().max_offline_messages
+                ),
+            );
+        }
         seen.stats = stats.clone();
+        let offline = broker.offline_messages();
+        if offline != seen.offline {
+            if offline > seen.offline {
+                metrics
+                    .offline_messages
+                    .fetch_add(offline - seen.offline, Ordering::Relaxed);
+            } else {
+                metrics
+                    .offline_messages
+                    .fetch_sub(seen.offline - offline, Ordering::Relaxed);
+            }
+            seen.offline = offline;
+        }
         let sessions = broker.session_count() as u64;
         add(&metrics.sessions, sessions, seen.sessions);
         seen.sessions = sessions;

@@ -178,3 +178,148 @@ async fn queued_messages_older_than_the_retention_are_dropped() {
         .await;
     server.shutdown().await;
 }
+
+/// Reconnects `id` and takes its queued messages (acknowledging each) until it goes quiet.
+async fn drain_queue(addr: std::net::SocketAddr, id: &str) -> Vec<String> {
+    let (mut sub, present) = persistent(addr, id).await;
+    assert!(present);
+    let mut got = Vec::new();
+    while let Some(packet) = sub.try_recv(std::time::Duration::from_millis(500)).await {
+        if let Packet::Publish(p) = packet {
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+            sub.send(&Packet::PubAck(ferry_codec::PubAck::new(p.packet_id)))
+                .await;
+        }
+    }
+    sub.disconnect().await;
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offline_cap_evicts_the_oldest_first_counts_and_raises_an_alarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine: Arc<dyn Engine> = Arc::new(FjallEngine::open(dir.path()).unwrap());
+    let settings = InstanceSettings {
+        max_offline_messages: 50,
+        ..InstanceSettings::for_profile(Profile::Standard)
+    };
+    let server = start_with(engine.clone(), settings).await;
+    let addr = server.local_addr();
+    for id in ["cap-a", "cap-b"] {
+        let (mut sub, _) = persistent(addr, id).await;
+        sub.subscribe(1, &format!("cap/{id}"), QoS::AtLeastOnce)
+            .await;
+        sub.disconnect().await;
+    }
+    // 30 to a, then 60 alternating, then 30 to b: 120 in all, 70 over the cap.
+    let mut publisher = Client::v3(addr, &cid("cap-pub")).await;
+    let mut order = Vec::new();
+    for i in 0..120u16 {
+        let to = match i {
+            0..=29 => "cap-a",
+            30..=89 if i % 2 == 0 => "cap-a",
+            30..=89 => "cap-b",
+            _ => "cap-b",
+        };
+        let payload = format!("{to}-{i}");
+        publisher
+            .send(&common::publish(
+                &format!("cap/{to}"),
+                QoS::AtLeastOnce,
+                i + 1,
+                payload.as_bytes(),
+            ))
+            .await;
+        assert!(matches!(publisher.recv().await, Packet::PubAck(_)));
+        order.push((to, payload));
+    }
+    // Evictions run behind the writes; wait for the count to settle.
+    let metrics = server.metrics();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while metrics
+        .offline_evicted
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 70
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metrics
+            .offline_messages
+            .load(std::sync::atomic::Ordering::Relaxed),
+        50
+    );
+    assert_eq!(
+        metrics
+            .offline_evicted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        70
+    );
+    let alarms = metrics.alarms.list(Some("default"));
+    assert_eq!(alarms.len(), 1, "one alarm event: {alarms:?}");
+    assert_eq!(alarms[0].count, 70);
+    assert_eq!(
+        alarms[0].kind,
+        ferry_broker::alarms::AlarmKind::OfflineMessagesEvicted
+    );
+    let kept = &order[70..];
+    for id in ["cap-a", "cap-b"] {
+        let expected: Vec<String> = kept
+            .iter()
+            .filter(|(to, _)| *to == id)
+            .map(|(_, p)| p.clone())
+            .collect();
+        assert_eq!(
+            drain_queue(addr, id).await,
+            expected,
+            "{id}: the newest, in order"
+        );
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_cap_applies_to_what_was_stored_before_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine: Arc<dyn Engine> = Arc::new(FjallEngine::open(dir.path()).unwrap());
+    let server = start(engine.clone()).await;
+    let addr = server.local_addr();
+    let (mut sub, _) = persistent(addr, "lower-sub").await;
+    sub.subscribe(1, "lower/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    let mut publisher = Client::v3(addr, &cid("lower-pub")).await;
+    for i in 1..=40u16 {
+        publisher
+            .send(&common::publish(
+                "lower/x",
+                QoS::AtLeastOnce,
+                i,
+                format!("m{i}").as_bytes(),
+            ))
+            .await;
+        assert!(matches!(publisher.recv().await, Packet::PubAck(_)));
+    }
+    publisher.disconnect().await;
+    server.shutdown().await;
+
+    let settings = InstanceSettings {
+        max_offline_messages: 15,
+        ..InstanceSettings::for_profile(Profile::Standard)
+    };
+    let server = start_with(engine, settings).await;
+    let addr = server.local_addr();
+    let expected: Vec<String> = (26..=40).map(|i| format!("m{i}")).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server
+        .metrics()
+        .offline_evicted
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 25
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(drain_queue(addr, "lower-sub").await, expected);
+    server.shutdown().await;
+}

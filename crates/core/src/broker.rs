@@ -10,6 +10,7 @@
 
 use crate::acl::{Acl, Action, Permissions, TopicPolicy};
 use crate::message::{Message, SharedMessage};
+use crate::offline::{EvictRequest, OfflineIndex};
 use crate::persist::{LoadRequest, MessageState, SessionRecord, StoreOp, StoredMessage};
 use crate::retained::{MemoryRetained, RetainedStore};
 use crate::session::{
@@ -58,6 +59,9 @@ pub struct Limits {
     pub max_payload_size: u32,
     /// Whether `<parent>/p2p/<clientId>` goes to that client only, without a subscription.
     pub p2p: bool,
+    /// Queued messages on disk for all persistent sessions together; beyond it the oldest are
+    /// evicted (counted in [`Stats::evicted_offline`]). Only with persistence.
+    pub max_offline_messages: u64,
 }
 
 impl Default for Limits {
@@ -76,6 +80,7 @@ impl Default for Limits {
             max_subscriptions_per_client: 0,
             max_payload_size: 0,
             p2p: false,
+            max_offline_messages: 1_000_000,
         }
     }
 }
@@ -112,6 +117,8 @@ pub struct Stats {
     pub dropped_queue_full: u64,
     pub dropped_too_large: u64,
     pub dropped_expired: u64,
+    /// Offline messages deleted because the instance's cap was reached (oldest first).
+    pub evicted_offline: u64,
 }
 
 /// Per-connection facts the core needs.
@@ -172,6 +179,11 @@ pub struct Broker {
     persistent: bool,
     store_ops: Vec<StoreOp>,
     loads: Vec<LoadRequest>,
+    evictions: Vec<EvictRequest>,
+    offline: OfflineIndex,
+    /// The next stored-message position; one counter for all sessions, so positions order
+    /// messages by when they were queued (see `offline.rs`).
+    seq_clock: u64,
     sessions: Box<dyn SessionRegistry>,
     retained: Box<dyn RetainedStore>,
     subscriptions: SubscriptionTree,
@@ -217,6 +229,9 @@ impl Broker {
             persistent: false,
             store_ops: Vec::new(),
             loads: Vec::new(),
+            evictions: Vec::new(),
+            offline: OfflineIndex::default(),
+            seq_clock: 1,
             sessions,
             retained,
             subscriptions: SubscriptionTree::new(),
@@ -245,6 +260,16 @@ impl Broker {
     /// Loads of spilled messages asked for so far.
     pub fn drain_loads(&mut self) -> std::vec::Drain<'_, LoadRequest> {
         self.loads.drain(..)
+    }
+
+    /// Evictions of offline messages asked for so far (see [`EvictRequest`]).
+    pub fn drain_evictions(&mut self) -> std::vec::Drain<'_, EvictRequest> {
+        self.evictions.drain(..)
+    }
+
+    /// Queued messages on disk (all persistent sessions), as the core counts them.
+    pub fn offline_messages(&self) -> u64 {
+        self.offline.total
     }
 
     /// Store operations emitted so far, in order.
@@ -433,6 +458,9 @@ impl Broker {
         };
         let session = self.sessions.get_mut(sid).expect("session exists");
         session.conn = Some(conn);
+        let spilled = session.spilled;
+        self.offline_changed(sid, spilled);
+        let session = self.sessions.get_mut(sid).expect("session exists");
         session.expiry_interval = expiry;
         session.expires_at = None;
         // A reconnect before the will delay passed cancels the will (§3.1.3.2.2).
@@ -960,11 +988,25 @@ impl Broker {
         {
             // A stored session keeps at most a window of queued messages in memory; the rest
             // (everything while it is offline) lives only on disk until there is room.
-            let delivery = store_queued(session, delivery, true, &mut self.store_ops);
+            let delivery = store_queued(
+                session,
+                delivery,
+                true,
+                &mut self.store_ops,
+                &mut self.seq_clock,
+            );
+            let old = session.spilled;
+            if old == 0 {
+                session.spill_head = delivery.seq;
+            }
             session.spilled += 1;
             session.spilled_through = delivery.seq;
-            if session.conn.is_some() {
+            let online = session.conn.is_some();
+            self.offline_changed(sid, old);
+            if online {
                 self.request_load(sid);
+            } else {
+                self.enforce_offline_cap();
             }
             return;
         }
@@ -977,7 +1019,13 @@ impl Broker {
                 self.stats.dropped_queue_full += 1;
                 return;
             }
-            let delivery = store_queued(session, delivery, stored, &mut self.store_ops);
+            let delivery = store_queued(
+                session,
+                delivery,
+                stored,
+                &mut self.store_ops,
+                &mut self.seq_clock,
+            );
             session.pending.push_back(delivery);
             return;
         };
@@ -993,7 +1041,13 @@ impl Broker {
             session.dropped += 1;
             self.stats.dropped_queue_full += 1;
         } else {
-            let delivery = store_queued(session, delivery, stored, &mut self.store_ops);
+            let delivery = store_queued(
+                session,
+                delivery,
+                stored,
+                &mut self.store_ops,
+                &mut self.seq_clock,
+            );
             session.loaded_through = session.loaded_through.max(delivery.seq);
             session.pending.push_back(delivery);
         }
@@ -1031,8 +1085,7 @@ impl Broker {
         publish.packet_id = packet_id;
         if persistent && session.expiry_interval > 0 {
             if delivery.seq == 0 {
-                delivery.seq = session.next_seq;
-                session.next_seq += 1;
+                delivery.seq = next_position(&mut self.seq_clock, session);
                 session.loaded_through = session.loaded_through.max(delivery.seq);
             }
             self.store_ops.push(StoreOp::Message {
@@ -1272,10 +1325,17 @@ impl Broker {
         }
         session.conn = None;
         session.disconnected_at = Some(now);
+        let old_spilled = session.spilled;
         if self.persistent && session.expiry_interval > 0 && !session.pending.is_empty() {
             // Offline, its queue lives on disk only.
             let first = session.pending.front().map_or(0, |d| d.seq);
             let last = session.pending.back().map_or(0, |d| d.seq);
+            // Everything in memory comes before what is on disk.
+            session.spill_head = if old_spilled == 0 {
+                first
+            } else {
+                session.spill_head.min(first)
+            };
             session.spilled += session.pending.len() as u64;
             session.loaded_through = session.loaded_through.min(first.saturating_sub(1));
             session.spilled_through = session.spilled_through.max(last);
@@ -1294,9 +1354,12 @@ impl Broker {
                 self.timers.push(Reverse((at, Timer::WillDelay(sid))));
             }
         }
+        self.offline_changed(sid, old_spilled);
+        self.enforce_offline_cap();
         if expiry == 0 {
             self.end_session(sid, now);
         } else {
+            let session = self.sessions.get_mut(sid).expect("session exists");
             if expiry != u32::MAX {
                 let at = now + Duration::from_secs(u64::from(expiry));
                 session.expires_at = Some(at);
@@ -1315,6 +1378,8 @@ impl Broker {
         let Some(session) = self.sessions.remove(sid) else {
             return;
         };
+        self.offline.set(sid, None);
+        self.offline.total = self.offline.total.saturating_sub(session.spilled);
         if self.persistent {
             self.store_ops.push(StoreOp::SessionDeleted {
                 client_id: session.client_id.clone(),
@@ -1409,6 +1474,91 @@ impl Broker {
         }
     }
 
+    /// Re-files a session in the offline index after its count of messages on disk changed
+    /// from `old_spilled` (or it connected or went offline).
+    fn offline_changed(&mut self, sid: SessionId, old_spilled: u64) {
+        let Some(session) = self.sessions.get(sid) else {
+            return;
+        };
+        self.offline.total = self
+            .offline
+            .total
+            .saturating_sub(old_spilled)
+            .saturating_add(session.spilled);
+        let head = (session.conn.is_none() && session.spilled > 0)
+            .then_some(session.spill_head.max(session.evicted_through + 1));
+        self.offline.set(sid, head);
+    }
+
+    /// Asks for an eviction if the instance holds more offline messages than its cap (one
+    /// request at a time; [`Broker::evicted`] asks again). Called by the runtime after a
+    /// restore; the core calls it whenever messages go to disk.
+    pub fn enforce_offline_cap(&mut self) {
+        let cap = self.limits.max_offline_messages;
+        if !self.persistent || self.offline.outstanding.is_some() || self.offline.total <= cap {
+            return;
+        }
+        let Some((sid, below)) = self.offline.oldest() else {
+            return;
+        };
+        let Some(session) = self.sessions.get(sid) else {
+            self.offline.set(sid, None);
+            return;
+        };
+        self.offline.outstanding = Some((sid, session.spilled_through));
+        self.evictions.push(EvictRequest {
+            client_id: session.client_id.clone(),
+            after_seq: session.loaded_through.max(session.evicted_through),
+            below_seq: below,
+            max: self.offline.total - cap,
+        });
+    }
+
+    /// The answer to an [`EvictRequest`]: `deleted` queued messages are gone from disk, and
+    /// the session's oldest queued message still there is at `next_head` (`None`: none).
+    pub fn evicted(
+        &mut self,
+        client_id: &str,
+        deleted: u64,
+        last_deleted: u64,
+        next_head: Option<u64>,
+    ) {
+        let outstanding = self.offline.outstanding.take();
+        self.stats.evicted_offline += deleted;
+        if let (Some(sid), Some((asked, through))) = (self.sessions.find(client_id), outstanding) {
+            if sid == asked {
+                let session = self.sessions.get_mut(sid).expect("found");
+                let old = session.spilled;
+                session.spilled = session.spilled.saturating_sub(deleted);
+                session.evicted_through = session.evicted_through.max(last_deleted);
+                match next_head {
+                    Some(head) => session.spill_head = head,
+                    None if session.spilled_through <= through => {
+                        // Nothing queued is left on disk (a count above zero was stale:
+                        // the retention sweep deleted messages meanwhile).
+                        session.spilled = 0;
+                        session.loaded_through =
+                            session.loaded_through.max(session.spilled_through);
+                    }
+                    None => session.spill_head = through + 1,
+                }
+                self.offline_changed(sid, old);
+            }
+        }
+        self.enforce_offline_cap();
+    }
+
+    /// Queued messages of `client_id` that the runtime deleted from disk on its own (their
+    /// retention passed): they no longer count towards the cap.
+    pub fn discarded_offline(&mut self, client_id: &str, count: u64) {
+        if let Some(sid) = self.sessions.find(client_id) {
+            let session = self.sessions.get_mut(sid).expect("found");
+            let old = session.spilled;
+            session.spilled = session.spilled.saturating_sub(count);
+            self.offline_changed(sid, old);
+        }
+    }
+
     fn request_load(&mut self, sid: SessionId) {
         let Some(session) = self.sessions.get_mut(sid) else {
             return;
@@ -1446,6 +1596,7 @@ impl Broker {
             return;
         }
         let short = messages.len() < limit;
+        let old_spilled = session.spilled;
         let mut found = 0;
         for (seq, stored) in messages {
             if seq <= session.loaded_through || seq > session.spilled_through {
@@ -1472,6 +1623,7 @@ impl Broker {
         } else {
             session.empty_loads = 0;
         }
+        self.offline_changed(sid, old_spilled);
         self.flush(sid, now);
     }
 
@@ -1496,7 +1648,10 @@ impl Broker {
         session.disconnected_at = Some(disconnected_at);
         session.incoming_qos2 = record.incoming_qos2.into_iter().collect();
         session.next_seq = messages.last().map_or(1, |(seq, _)| seq + 1).max(next_seq);
+        self.seq_clock = self.seq_clock.max(session.next_seq);
         session.spilled = queued;
+        // Unknown until the first eviction looks: 1 is a lower bound.
+        session.spill_head = 1;
         session.loaded_through = 0;
         // Queued messages come after every in-flight one, so the highest stored position is
         // the last queued one.
@@ -1533,6 +1688,7 @@ impl Broker {
             session.expires_at = Some(at);
             self.timers.push(Reverse((at, Timer::SessionExpiry(sid))));
         }
+        self.offline_changed(sid, 0);
     }
 
     /// Puts back a stored retained message at start-up.
@@ -1661,11 +1817,11 @@ fn store_queued(
     mut delivery: Delivery,
     stored: bool,
     ops: &mut Vec<StoreOp>,
+    clock: &mut u64,
 ) -> Delivery {
     if stored {
         if delivery.seq == 0 {
-            delivery.seq = session.next_seq;
-            session.next_seq += 1;
+            delivery.seq = next_position(clock, session);
         }
         ops.push(StoreOp::Message {
             client_id: session.client_id.clone(),
@@ -1678,6 +1834,15 @@ fn store_queued(
         });
     }
     delivery
+}
+
+/// The next stored-message position: from the core-wide counter, and never below the
+/// session's own next position (so a session's positions only grow, also across restarts).
+fn next_position(clock: &mut u64, session: &mut Session) -> u64 {
+    let seq = (*clock).max(session.next_seq);
+    *clock = seq + 1;
+    session.next_seq = seq + 1;
+    seq
 }
 
 /// The client id of a P2P topic `<parent>/p2p/<clientId>`.

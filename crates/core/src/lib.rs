@@ -11,6 +11,7 @@
 //! - [`conn`]: [`Connection`], the per-socket state machine (handshake timeout, keep-alive,
 //!   topic aliases both ways, inbound receive maximum, packet size limits).
 //! - [`acl`]: the topic ACL.
+//! - [`offline`]: the per-instance cap on offline messages (oldest evicted first).
 //!
 //! Time is an input: every call that depends on it takes `now`, so tests run on a virtual
 //! clock.
@@ -19,6 +20,7 @@ pub mod acl;
 pub mod broker;
 pub mod conn;
 pub mod message;
+pub mod offline;
 pub mod persist;
 pub mod retained;
 pub mod session;

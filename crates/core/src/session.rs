@@ -102,6 +102,11 @@ pub struct Session {
     pub empty_loads: u8,
     /// A load of spilled messages was asked for and has not come back yet.
     pub load_requested: bool,
+    /// Stored sessions: at most the position of the oldest queued message on disk (see
+    /// `offline.rs`).
+    pub spill_head: u64,
+    /// Stored sessions: queued messages up to this position were evicted (the cap).
+    pub evicted_through: u64,
 }
 
 impl Session {
@@ -126,6 +131,8 @@ impl Session {
             spilled_through: 0,
             empty_loads: 0,
             load_requested: false,
+            spill_head: 0,
+            evicted_through: 0,
         }
     }
 

@@ -211,3 +211,123 @@ fn a_mass_of_expiring_sessions_is_worked_off_in_bounded_steps() {
     assert_eq!(calls, 4);
     assert_eq!(b.session_count(), 0);
 }
+
+/// Runs the core's eviction requests against the map, like the runtime does with the store.
+fn run_evictions(store: &mut BTreeMap<(String, u64), StoredMessage>, b: &mut Broker) -> usize {
+    let mut rounds = 0;
+    loop {
+        apply(store, b);
+        let requests: Vec<_> = b.drain_evictions().collect();
+        if requests.is_empty() {
+            return rounds;
+        }
+        for r in requests {
+            rounds += 1;
+            let client = r.client_id.to_string();
+            let keys: Vec<(u64, MessageState)> = store
+                .range((client.clone(), r.after_seq + 1)..)
+                .take_while(|((c, _), _)| *c == client)
+                .map(|((_, seq), m)| (*seq, m.state))
+                .collect();
+            let (mut deleted, mut last, mut head) = (0, 0, None);
+            for (seq, state) in keys {
+                if state != MessageState::Queued {
+                    continue;
+                }
+                if seq <= r.below_seq && deleted < r.max {
+                    store.remove(&(client.clone(), seq));
+                    deleted += 1;
+                    last = seq;
+                } else {
+                    head = Some(seq);
+                    break;
+                }
+            }
+            b.evicted(&r.client_id, deleted, last, head);
+        }
+    }
+}
+
+#[test]
+fn the_offline_cap_evicts_the_oldest_messages_of_the_instance_first() {
+    let t0 = Instant::now();
+    let limits = Limits {
+        max_offline_messages: 100,
+        ..Limits::default()
+    };
+    let mut b = Broker::new(limits, Acl::default()).with_persistence();
+    let mut store = BTreeMap::new();
+    for (conn, name) in [(1, "a"), (2, "b"), (3, "c")] {
+        subscriber(&mut b, conn, v3(name, false), name, QoS::AtLeastOnce, t0);
+        b.connection_lost(conn, t0);
+    }
+    online(&mut b, 9, v3("pub", true), t0);
+    // 180 messages: 60 to a, then a, b, c in turn, then 30 to c. The runtime answers
+    // evictions only every 25 publishes (they wait for the disk), so most requests ask for
+    // many messages at once and must stop at the next session's oldest message.
+    let mut order: Vec<(String, String)> = Vec::new();
+    for i in 0..180u16 {
+        let to = match i {
+            0..=59 => "a",
+            60..=149 => ["a", "b", "c"][usize::from(i % 3)],
+            _ => "c",
+        };
+        let payload = format!("{to}{i}");
+        b.handle(9, pub_packet(to, &payload, QoS::AtLeastOnce, i + 1), t0);
+        drain(&mut b);
+        apply(&mut store, &mut b);
+        if i % 25 == 24 {
+            run_evictions(&mut store, &mut b);
+        }
+        order.push((to.to_string(), payload));
+    }
+    run_evictions(&mut store, &mut b);
+    assert_eq!(b.offline_messages(), 100);
+    assert_eq!(store.len(), 100, "the store holds the cap");
+    assert_eq!(b.stats().evicted_offline, 80, "every eviction is counted");
+    // Exactly the newest 100 are left.
+    let kept: Vec<(String, String)> = order[80..].to_vec();
+    let mut left: Vec<(u64, String, String)> = store
+        .iter()
+        .map(|((c, seq), m)| {
+            let payload = String::from_utf8_lossy(&m.delivery.msg.payload).into_owned();
+            (*seq, c.clone(), payload)
+        })
+        .collect();
+    left.sort();
+    let left: Vec<(String, String)> = left.into_iter().map(|(_, c, p)| (c, p)).collect();
+    assert_eq!(left, kept, "oldest first, across sessions");
+    // Each client gets its survivors, in order.
+    for (conn, name) in [(1, "a"), (2, "b"), (3, "c")] {
+        online(&mut b, conn, v3(name, false), t0);
+        let mut received = Vec::new();
+        for _ in 0..100 {
+            let requests: Vec<_> = b.drain_loads().collect();
+            for request in &requests {
+                let messages: Vec<(u64, StoredMessage)> = store
+                    .range((request.client_id.to_string(), request.after_seq + 1)..)
+                    .take_while(|((c, _), _)| c == request.client_id.as_str())
+                    .take(request.limit)
+                    .map(|((_, seq), m)| (*seq, m.clone()))
+                    .collect();
+                b.loaded(&request.client_id, request.limit, messages, t0);
+            }
+            let publishes = publishes_to(&drain(&mut b), conn);
+            if publishes.is_empty() && requests.is_empty() {
+                break;
+            }
+            for p in publishes {
+                received.push(String::from_utf8_lossy(&p.payload).into_owned());
+                b.handle(conn, puback(p.packet_id), t0);
+            }
+            apply(&mut store, &mut b);
+        }
+        let expected: Vec<String> = kept
+            .iter()
+            .filter(|(c, _)| c == name)
+            .map(|(_, p)| p.clone())
+            .collect();
+        assert_eq!(received, expected, "{name} gets what was kept, in order");
+    }
+    assert_eq!(b.offline_messages(), 0);
+}

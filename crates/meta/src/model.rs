@@ -36,6 +36,9 @@ pub struct InstanceSettings {
     /// Seconds a queued message waits for an offline persistent session before it is dropped;
     /// 0 = until the session ends.
     pub offline_retention_secs: u64,
+    /// Queued messages kept for offline persistent sessions, all of the instance's together;
+    /// beyond it the oldest are evicted (counted, and an alarm event is raised).
+    pub max_offline_messages: u64,
 }
 
 impl InstanceSettings {
@@ -54,6 +57,7 @@ impl InstanceSettings {
                 max_client_id_len: 64,
                 p2p: true,
                 offline_retention_secs: 3 * 24 * 3600,
+                max_offline_messages: 1_000_000,
             },
             Profile::Standard => InstanceSettings {
                 require_parent_topic: false,
@@ -68,6 +72,7 @@ impl InstanceSettings {
                 max_client_id_len: 65_535,
                 p2p: false,
                 offline_retention_secs: 3 * 24 * 3600,
+                max_offline_messages: 1_000_000,
             },
         }
     }
