@@ -176,6 +176,16 @@ impl Queue {
         &self.inner.config
     }
 
+    /// Where a new group of `topic` starts: the configured default, except on dead-letter
+    /// topics (`%DLQ%...`), which are read from the beginning (they are looked at afterwards).
+    pub fn default_start_for(&self, topic: &str) -> Start {
+        if topic.starts_with("%DLQ%") {
+            Start::Beginning
+        } else {
+            self.inner.config.default_start
+        }
+    }
+
     pub fn now_ms(&self) -> u64 {
         self.inner.clock.now_ms()
     }
@@ -534,7 +544,7 @@ impl Queue {
         let tid = t.id;
         let notify = t.notify.clone();
         if !t.groups.contains_key(&req.group) {
-            let cursor = match cfg.default_start {
+            let cursor = match self.default_start_for(&req.topic) {
                 Start::End => t.next(),
                 Start::Beginning => t.first,
             };
@@ -799,7 +809,21 @@ impl Queue {
                 )
             })?;
         self.persist(vec![op]).await?;
+        // Long polls of the group wait for the old deadline: let them look again.
+        self.wake(ns, topic);
         Ok(h)
+    }
+
+    fn wake(&self, ns: &str, topic: &str) {
+        let notify = self
+            .lock()
+            .namespaces
+            .get(ns)
+            .and_then(|m| m.get(topic))
+            .map(|t| t.notify.clone());
+        if let Some(n) = notify {
+            n.notify_waiters();
+        }
     }
 
     /// Moves a delivered message to `%DLQ%<group>` at once (FIFO push consumers ask for it).

@@ -364,11 +364,12 @@ impl MessagingService {
                     if let Some(t) = &e.topic {
                         // A group exists from the moment a consumer subscribes, so messages
                         // sent after the consumer started are its (RocketMQ starts at the end).
-                        if let Err(e) =
-                            self.inner
-                                .queue
-                                .ensure_group(ns, &g.name, &t.name, cfg.default_start)
-                        {
+                        if let Err(e) = self.inner.queue.ensure_group(
+                            ns,
+                            &g.name,
+                            &t.name,
+                            self.inner.queue.default_start_for(&t.name),
+                        ) {
                             tracing::debug!("queue: subscription of {:?}: {e}", g.name);
                         }
                     }
@@ -543,6 +544,7 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
         &self,
         req: Request<pb::QueryRouteRequest>,
     ) -> GrpcResult<pb::QueryRouteResponse> {
+        tracing::debug!("queue: rpc query_route");
         let md = req.metadata().clone();
         let r = req.into_inner();
         let caller = match self.authenticate(&md) {
@@ -572,6 +574,7 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> GrpcResult<pb::HeartbeatResponse> {
+        tracing::debug!("queue: rpc heartbeat");
         let s = match self.authenticate(req.metadata()) {
             Ok(_) => ok(),
             Err(s) => Some(s),
@@ -583,6 +586,7 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
         &self,
         req: Request<pb::SendMessageRequest>,
     ) -> GrpcResult<pb::SendMessageResponse> {
+        tracing::debug!("queue: rpc send_message");
         let caller = match self
             .authenticate(req.metadata())
             .and_then(|c| Self::check_pub(&c).map(|_| c))
@@ -639,6 +643,7 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
         &self,
         req: Request<pb::QueryAssignmentRequest>,
     ) -> GrpcResult<pb::QueryAssignmentResponse> {
+        tracing::debug!("queue: rpc query_assignment");
         let md = req.metadata().clone();
         let r = req.into_inner();
         let fail = |s| {
@@ -673,6 +678,7 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
         &self,
         req: Request<pb::ReceiveMessageRequest>,
     ) -> GrpcResult<Self::ReceiveMessageStream> {
+        tracing::debug!("queue: rpc receive_message");
         use pb::receive_message_response::Content;
         let md = req.metadata().clone();
         let r = req.into_inner();
@@ -780,6 +786,7 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
         &self,
         req: Request<pb::AckMessageRequest>,
     ) -> GrpcResult<pb::AckMessageResponse> {
+        tracing::debug!("queue: rpc ack_message");
         let md = req.metadata().clone();
         let r = req.into_inner();
         let caller = match self
@@ -828,6 +835,7 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
         &self,
         req: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
     ) -> GrpcResult<pb::ForwardMessageToDeadLetterQueueResponse> {
+        tracing::debug!("queue: rpc forward_message_to_dead_letter_queue");
         let md = req.metadata().clone();
         let r = req.into_inner();
         let s = match self
@@ -873,6 +881,7 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
         &self,
         req: Request<Streaming<pb::TelemetryCommand>>,
     ) -> GrpcResult<Self::TelemetryStream> {
+        tracing::debug!("queue: rpc telemetry");
         let caller = match self.authenticate(req.metadata()) {
             Ok(c) => c,
             Err(s) => {
@@ -953,6 +962,7 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
         &self,
         req: Request<pb::NotifyClientTerminationRequest>,
     ) -> GrpcResult<pb::NotifyClientTerminationResponse> {
+        tracing::debug!("queue: rpc notify_client_termination");
         let s = match self.authenticate(req.metadata()) {
             Ok(c) => {
                 self.inner.queue.forget_client(&c.client_id);
@@ -969,6 +979,7 @@ impl pb::messaging_service_server::MessagingService for MessagingService {
         &self,
         req: Request<pb::ChangeInvisibleDurationRequest>,
     ) -> GrpcResult<pb::ChangeInvisibleDurationResponse> {
+        tracing::debug!("queue: rpc change_invisible_duration");
         let md = req.metadata().clone();
         let r = req.into_inner();
         let fail = |s| {
