@@ -18,5 +18,8 @@ cargo test --workspace
 echo "== interop (paho-mqtt, mosquitto clients) against target/debug/ferry"
 cargo build -p ferry
 FERRY_BIN="$target/debug/ferry" python3 -m pytest tests/interop -q
+echo "== queue (official RocketMQ 5 Python and Node.js SDKs) against target/debug/ferry"
+FERRY_BIN="$target/debug/ferry" python3 -m pytest tests/queue -q
+(cd tests/queue/node && FERRY_BIN="$target/debug/ferry" node --test --test-concurrency=1 test/)
 echo "== durability: SIGKILL crash test against target/debug/ferry"
 FERRY_BIN="$target/debug/ferry" python3 -m pytest tests/durability -q
