@@ -19,11 +19,18 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
+/// Called after a rule of an instance changed, so that the change takes effect at once (the
+/// rules engine reloads); the API answers once it resolves.
+pub type RulesChanged =
+    Arc<dyn Fn(String) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 /// What the handlers use.
 #[derive(Clone)]
 pub struct AdminState {
     pub meta: Arc<Meta>,
     pub control: Control,
+    /// The rules engine's reload; `None` when no rules run (rules are then only stored).
+    pub rules_changed: Option<RulesChanged>,
 }
 
 /// The whole management application.

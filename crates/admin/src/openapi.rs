@@ -536,6 +536,48 @@ fn schemas() -> Value {
             ],
             &["kind", "message", "count", "first_at", "last_at"],
         ),
+        "Rule": object(
+            "A rule (§6.2). inflow: queue topic `source` → MQTT parent topic `target`; outflow: parent topic `source` → queue topic `target`; status: Group ID `source` → queue topic `target`.",
+            vec![
+                ("name", string("1-64 characters of A-Z, a-z, 0-9, `_`, `-`.")),
+                ("type", json!({ "type": "string", "enum": ["inflow", "outflow", "status"], "description": "What the rule connects." })),
+                ("source", string("inflow: queue topic; outflow: parent topic; status: Group ID.")),
+                ("target", string("inflow: parent topic; outflow and status: queue topic.")),
+                ("tag_filter", string("inflow: the queue tag filter (`*` or `a||b`); empty for the others.")),
+                ("enabled", boolean("Whether the rule runs.")),
+                ("remote", nullable(schema_ref("RemoteEndpoint"))),
+                ("created_at", int("Epoch ms.")),
+            ],
+            &["name", "type", "source", "target", "tag_filter", "enabled", "remote", "created_at"],
+        ),
+        "RemoteEndpoint": object(
+            "An external RocketMQ 5 endpoint (gRPC, plaintext) the rule's queue side is on. The secret is write-only.",
+            vec![
+                ("endpoint", string("`host:port`.")),
+                ("access_key_id", nullable(string("AccessKey id; absent = anonymous."))),
+                ("access_key_secret", string("AccessKey secret (only in requests; never shown).")),
+                ("namespace", string("`x-mq-namespace`; empty = the server's default.")),
+            ],
+            &["endpoint"],
+        ),
+        "RuleCreate": object(
+            "A new rule.",
+            vec![
+                ("name", string("1-64 characters of A-Z, a-z, 0-9, `_`, `-`.")),
+                ("type", json!({ "type": "string", "enum": ["inflow", "outflow", "status"], "description": "What the rule connects." })),
+                ("source", string("inflow: queue topic; outflow: parent topic; status: Group ID.")),
+                ("target", string("inflow: parent topic; outflow and status: queue topic.")),
+                ("tag_filter", string("inflow only: `*` (default) or `a||b`.")),
+                ("enabled", boolean("Default true.")),
+                ("remote", schema_ref("RemoteEndpoint")),
+            ],
+            &["name", "type", "source", "target"],
+        ),
+        "RuleUpdate": object(
+            "Turn a rule on or off.",
+            vec![("enabled", boolean("Whether the rule runs."))],
+            &["enabled"],
+        ),
         "Kicked": object(
             "The result of disconnecting a client.",
             vec![("kicked", boolean("Whether the client was online (and is now disconnected)."))],

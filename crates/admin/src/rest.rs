@@ -76,6 +76,11 @@ impl From<ControlError> for ApiError {
         match e {
             ControlError::Meta(e) => e.into(),
             ControlError::Invalid(m) => ApiError::invalid(m),
+            ControlError::Store(m) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                format!("the store could not write: {m}"),
+            ),
             ControlError::Unavailable => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailable",
@@ -391,6 +396,66 @@ pub fn table() -> Vec<Route> {
                 ..op(Delete, "/api/v1/instances/{instance}/topics/{name}", "deleteTopic")
             },
             delete_topic,
+        ),
+        // Rules
+        route(
+            Operation {
+                tag: "rules",
+                summary: "List an instance's rules",
+                reply: Reply::List("Rule"),
+                errors: E_LIST,
+                ..op(Get, "/api/v1/instances/{instance}/rules", "listRules")
+            },
+            list_rules,
+        ),
+        route(
+            Operation {
+                tag: "rules",
+                summary: "Create a rule (inflow, outflow or status)",
+                description: "`inflow`: queue topic `source` (messages passing `tag_filter`, default `*`) → MQTT parent topic `target`. \
+`outflow`: MQTT parent topic `source` → queue topic `target`. `status`: status events of Group ID `source`'s clients → queue topic `target`. \
+At most one status rule per group, one inflow and one outflow rule per parent topic (409 `RuleConflict`). \
+`remote` puts the queue side on an external RocketMQ 5 endpoint instead of the embedded queue. Takes effect at once.",
+                body: Some("RuleCreate"),
+                status: 201,
+                reply: Reply::One("Rule"),
+                errors: E_CREATE,
+                ..op(Post, "/api/v1/instances/{instance}/rules", "createRule")
+            },
+            create_rule,
+        ),
+        route(
+            Operation {
+                tag: "rules",
+                summary: "Get a rule",
+                reply: Reply::One("Rule"),
+                errors: E_LIST,
+                ..op(Get, "/api/v1/instances/{instance}/rules/{name}", "getRule")
+            },
+            get_rule,
+        ),
+        route(
+            Operation {
+                tag: "rules",
+                summary: "Enable or disable a rule",
+                description: "Takes effect at once and survives restarts.",
+                body: Some("RuleUpdate"),
+                reply: Reply::One("Rule"),
+                errors: E_LIST,
+                ..op(Patch, "/api/v1/instances/{instance}/rules/{name}", "updateRule")
+            },
+            update_rule,
+        ),
+        route(
+            Operation {
+                tag: "rules",
+                summary: "Delete a rule",
+                status: 204,
+                reply: Reply::Empty,
+                errors: E_LIST,
+                ..op(Delete, "/api/v1/instances/{instance}/rules/{name}", "deleteRule")
+            },
+            delete_rule,
         ),
         // Groups
         route(
@@ -866,6 +931,100 @@ async fn delete_topic(
     Ok(no_content())
 }
 
+// Rules
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleCreate {
+    name: String,
+    #[serde(rename = "type")]
+    rule_type: ferry_meta::RuleType,
+    source: String,
+    target: String,
+    #[serde(default)]
+    tag_filter: Option<String>,
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default)]
+    remote: Option<ferry_meta::RemoteEndpoint>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleUpdate {
+    enabled: bool,
+}
+
+async fn rules_changed(s: &AdminState, instance: &str) {
+    if let Some(f) = &s.rules_changed {
+        f(instance.to_string()).await;
+    }
+}
+
+async fn list_rules(
+    _: Admin,
+    State(s): St,
+    P(instance): P<String>,
+) -> ApiResult<Json<Vec<ferry_meta::Rule>>> {
+    Ok(Json(s.meta.rules(&instance)?))
+}
+
+async fn create_rule(
+    _: Admin,
+    State(s): St,
+    P(instance): P<String>,
+    J(b): J<RuleCreate>,
+) -> ApiResult<Response> {
+    let rule = s.meta.create_rule(
+        &instance,
+        ferry_meta::Rule {
+            name: b.name,
+            rule_type: b.rule_type,
+            source: b.source,
+            target: b.target,
+            tag_filter: b.tag_filter.unwrap_or_default(),
+            enabled: b.enabled,
+            remote: b.remote,
+            created_at: now_ms(),
+        },
+    )?;
+    rules_changed(&s, &instance).await;
+    Ok(created(rule))
+}
+
+async fn get_rule(
+    _: Admin,
+    State(s): St,
+    P((instance, name)): P<(String, String)>,
+) -> ApiResult<Json<ferry_meta::Rule>> {
+    Ok(Json(s.meta.rule(&instance, &name)?))
+}
+
+async fn update_rule(
+    _: Admin,
+    State(s): St,
+    P((instance, name)): P<(String, String)>,
+    J(b): J<RuleUpdate>,
+) -> ApiResult<Json<ferry_meta::Rule>> {
+    let rule = s.meta.set_rule_enabled(&instance, &name, b.enabled)?;
+    rules_changed(&s, &instance).await;
+    Ok(Json(rule))
+}
+
+async fn delete_rule(
+    _: Admin,
+    State(s): St,
+    P((instance, name)): P<(String, String)>,
+) -> ApiResult<Response> {
+    s.meta.delete_rule(&instance, &name)?;
+    rules_changed(&s, &instance).await;
+    Ok(no_content())
+}
+
 // Groups
 
 #[derive(Deserialize)]
@@ -1321,6 +1480,7 @@ async fn publish(
                 user_properties: b.user_properties.into_iter().collect(),
                 content_type: b.content_type,
                 message_expiry_interval: b.message_expiry_interval,
+                ..Default::default()
             },
         )
         .await?;

@@ -111,6 +111,11 @@ impl From<ControlError> for RpcError {
         match e {
             ControlError::Meta(e) => e.into(),
             ControlError::Invalid(m) => RpcError::invalid(m),
+            ControlError::Store(m) => RpcError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                format!("the store could not write: {m}"),
+            ),
             ControlError::Unavailable => RpcError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailable",

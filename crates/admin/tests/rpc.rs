@@ -49,6 +49,7 @@ impl Env {
         let state = AdminState {
             meta: meta.clone(),
             control: server.control(),
+            rules_changed: None,
         };
         let (stop_api, stopped) = oneshot::channel::<()>();
         let api_task = tokio::spawn(ferry_admin::serve(listener, state, async {

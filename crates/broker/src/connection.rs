@@ -73,6 +73,9 @@ struct Driver<W> {
     expiry_noticed: Vec<bool>,
     /// QoS 2 packet ids of `$SYS/uploadToken` messages answered here, awaiting PUBREL.
     local_qos2: Vec<u16>,
+    /// For status events (§5), once the CONNECT was accepted: the client id and this
+    /// connection's channel id.
+    status: Option<(String, String)>,
 }
 
 pub(crate) async fn run<S>(
@@ -108,6 +111,7 @@ pub(crate) async fn run<S>(
         tokens: Vec::new(),
         expiry_noticed: Vec::new(),
         local_qos2: Vec::new(),
+        status: None,
     };
     let mut token_check = tokio::time::interval(TOKEN_CHECK);
     token_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -212,6 +216,9 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
                     self.write(Packet::PubComp(PubAck::new(rel.packet_id)));
                 }
                 Inbound::Forward(packet) => {
+                    if matches!(packet, Packet::Disconnect(_)) {
+                        self.status_event(crate::StatusKind::Disconnect);
+                    }
                     let msg = RouterMsg::Packet {
                         conn: self.id,
                         packet,
@@ -296,6 +303,10 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
                 self.instance = instance;
                 self.expiry_noticed = vec![false; tokens.len()];
                 self.tokens = tokens;
+                if self.shared.instances.hooks.is_some() {
+                    self.status = Some((a.client_id.to_string(), crate::hooks::new_channel_id()));
+                    self.status_event(crate::StatusKind::Connect);
+                }
                 None
             }
             // Refused: the CONNACK and the close are in the outbox.
@@ -489,8 +500,26 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
     }
 
     /// Tells the router if it still knows us, flushes what is left, and closes gracefully.
+    /// Reports a status event of this connection to the rules.
+    fn status_event(&self, kind: crate::StatusKind) {
+        let (Some(hooks), Some((client_id, channel_id))) =
+            (&self.shared.instances.hooks, &self.status)
+        else {
+            return;
+        };
+        hooks.status(crate::StatusEvent {
+            instance: self.instance.clone(),
+            client_id: client_id.clone(),
+            channel_id: channel_id.clone(),
+            kind,
+            time_ms: ferry_meta::now_ms(),
+            client_ip: self.peer.to_string(),
+        });
+    }
+
     async fn finish<R: AsyncRead + Unpin>(mut self, end: End, mut rd: R) {
         debug!(?end, peer = %self.peer, "connection closing");
+        self.status_event(crate::StatusKind::TcpClean);
         if let (true, false, Some(router)) =
             (self.registered, matches!(end, End::ByRouter), &self.router)
         {

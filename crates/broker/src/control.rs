@@ -39,6 +39,10 @@ pub struct PublishRequest {
     pub content_type: Option<String>,
     /// Seconds.
     pub message_expiry_interval: Option<u32>,
+    /// Deliver to this client only, without a subscription (the queue's P2P inflow).
+    pub p2p_target: Option<String>,
+    /// With `p2p_target`: only if the client is connected now (nothing queued for it).
+    pub online_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +53,8 @@ pub enum ControlError {
     Unavailable,
     #[error("{0}")]
     Invalid(String),
+    #[error("the store could not write: {0}")]
+    Store(String),
 }
 
 /// A handle on the running broker for the management APIs. Cheap to clone.
@@ -177,7 +183,31 @@ impl Control {
         Ok(())
     }
 
-    /// Publishes a message as the server; returns its message id.
+    /// Answers once what the instance's core stored so far is durable.
+    async fn barrier(&self, instance: &str) -> Result<(), ControlError> {
+        let (tx, _) = self.instances.router(instance)?;
+        let (done, answer) = oneshot::channel();
+        tx.send(RouterMsg::Barrier { done })
+            .await
+            .map_err(|_| ControlError::Unavailable)?;
+        answer
+            .await
+            .map_err(|_| ControlError::Unavailable)?
+            .map_err(|e| ControlError::Store(e.to_string()))
+    }
+
+    /// Updates which parent topics of `instance` have an outflow rule (asks the hooks).
+    pub async fn refresh_outflow(&self, instance: &str) -> Result<(), ControlError> {
+        let Some(hooks) = self.instances.hooks.clone() else {
+            return Ok(());
+        };
+        let parents = hooks.outflow_parents(instance);
+        self.run(instance, move |b, _| b.set_outflow_parents(parents))
+            .await
+    }
+
+    /// Publishes a message as the server; returns its message id once the message is stored
+    /// for every persistent session it reached (durability = sync).
     pub async fn publish(
         &self,
         instance: &str,
@@ -198,6 +228,8 @@ impl Control {
         let id: [u8; 16] = ferry_meta::random_bytes();
         let msg_id: String = id.iter().map(|b| format!("{b:02x}")).collect();
         self.run(instance, move |b, now| {
+            let p2p_target = req.p2p_target;
+            let online_only = req.online_only;
             let properties = Properties {
                 user_properties: req
                     .user_properties
@@ -207,22 +239,26 @@ impl Control {
                 content_type: req.content_type.map(ByteStr::from),
                 ..Default::default()
             };
-            b.publish(
-                Message {
-                    topic: ByteStr::from(req.topic),
-                    payload: req.payload,
-                    qos,
-                    retain: req.retain,
-                    properties,
-                    expires_at: req
-                        .message_expiry_interval
-                        .map(|s| now + std::time::Duration::from_secs(u64::from(s))),
-                    publisher: ByteStr::new(),
-                },
-                now,
-            )
+            let msg = Message {
+                topic: ByteStr::from(req.topic),
+                payload: req.payload,
+                qos,
+                retain: req.retain,
+                properties,
+                expires_at: req
+                    .message_expiry_interval
+                    .map(|s| now + std::time::Duration::from_secs(u64::from(s))),
+                publisher: ByteStr::new(),
+            };
+            match p2p_target {
+                Some(target) => {
+                    b.publish_to(&target, msg, online_only, now);
+                }
+                None => b.publish(msg, now),
+            }
         })
         .await?;
+        self.barrier(instance).await?;
         Ok(msg_id)
     }
 }

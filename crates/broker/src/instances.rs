@@ -1,6 +1,7 @@
 //! One router task (and one [`Broker`] core) per instance, started when the instance is first
 //! used. Nothing is shared between two instances' cores, so nothing can cross between them.
 
+use crate::hooks::Hooks;
 use crate::metrics::Metrics;
 use crate::persist::Persistence;
 use crate::router::{self, RouterMsg, StoreLink};
@@ -60,9 +61,12 @@ pub(crate) struct Instances {
     routers: Mutex<HashMap<String, (mpsc::Sender<RouterMsg>, Limits)>>,
     persistence: Option<Arc<Persistence>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The rules' view of the MQTT side, if rules run.
+    pub hooks: Option<Arc<dyn Hooks>>,
 }
 
 impl Instances {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         meta: Arc<Meta>,
         default_instance: String,
@@ -71,6 +75,7 @@ impl Instances {
         router_queue: usize,
         metrics: Arc<Metrics>,
         persistence: Option<Arc<Persistence>>,
+        hooks: Option<Arc<dyn Hooks>>,
     ) -> Self {
         Instances {
             meta,
@@ -82,6 +87,7 @@ impl Instances {
             routers: Mutex::new(HashMap::new()),
             persistence,
             tasks: Mutex::new(Vec::new()),
+            hooks,
         }
     }
 
@@ -128,8 +134,20 @@ impl Instances {
             }
             None => None,
         };
+        if let Some(hooks) = &self.hooks {
+            broker.set_outflow_parents(hooks.outflow_parents(instance));
+        }
         let (tx, rx) = mpsc::channel(self.router_queue);
-        let task = tokio::spawn(router::run(broker, rx, self.metrics.clone(), store));
+        let task = tokio::spawn(router::run(
+            broker,
+            rx,
+            self.metrics.clone(),
+            store,
+            router::Outflow {
+                instance: instance.to_string(),
+                hooks: self.hooks.clone(),
+            },
+        ));
         self.tasks.lock().expect("instances lock").push(task);
         routers.insert(instance.to_string(), (tx.clone(), limits.clone()));
         Ok((tx, limits))

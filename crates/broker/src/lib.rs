@@ -13,6 +13,7 @@
 //! - `connection`: the per-connection driver (read, decode, [`ferry_core::Connection`], write).
 //! - [`outbox`]: the bounded router → connection queue (QoS 0 overflow is dropped and counted).
 //! - [`auth`]: user name / password authentication of the default listener.
+//! - [`hooks`]: [`Hooks`], what the rules see: status events and outflow publishes.
 //! - [`metrics`]: the counters.
 //! - [`alarms`]: instance alarm events (offline messages evicted at the cap).
 //!
@@ -23,6 +24,7 @@ pub mod alarms;
 pub mod auth;
 mod connection;
 pub mod control;
+pub mod hooks;
 mod instances;
 mod logins;
 pub mod metrics;
@@ -33,6 +35,7 @@ pub mod server;
 
 pub use auth::{Authenticator, User};
 pub use control::{ClientView, Control, ControlError, PublishRequest};
+pub use hooks::{Hooks, StatusEvent, StatusKind};
 pub use instances::instance_limits;
 pub use metrics::Metrics;
 pub use server::{Config, Server};

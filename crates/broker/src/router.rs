@@ -53,6 +53,11 @@ pub enum RouterMsg {
     /// Runs a management operation on the broker core (queries, kick, publish); the closure
     /// answers through its own channel.
     Run(Operation),
+    /// Answers once everything the core wrote for the messages before this one is durable
+    /// (e.g. a management publish to persistent sessions), or with the store's error.
+    Barrier {
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// The connection ended without the core having closed it.
     Lost {
         conn: ConnId,
@@ -61,6 +66,12 @@ pub enum RouterMsg {
     Shutdown {
         done: oneshot::Sender<()>,
     },
+}
+
+/// Where client publishes under outflow parents go.
+pub struct Outflow {
+    pub instance: String,
+    pub hooks: Option<Arc<dyn crate::Hooks>>,
 }
 
 /// The instance's link to the store.
@@ -102,6 +113,14 @@ struct Router {
     evictions: Vec<(u64, EvictRequest)>,
     /// Where the retention sweep continues.
     sweep_cursor: Option<Vec<u8>>,
+    outflow: Outflow,
+    /// Batches submitted and not yet done: parts outstanding (store write, outflow append)
+    /// and the first error. Batches are released in order, once all their parts are done.
+    parts: std::collections::BTreeMap<u64, (u8, Result<(), StoreError>)>,
+    /// Barriers waiting for a batch: (batch, answer).
+    barriers: Vec<(u64, oneshot::Sender<Result<(), StoreError>>)>,
+    /// Barriers that arrived in this turn, placed once the turn's batch is submitted.
+    new_barriers: Vec<oneshot::Sender<Result<(), StoreError>>>,
 }
 
 pub async fn run(
@@ -109,6 +128,7 @@ pub async fn run(
     mut rx: mpsc::Receiver<RouterMsg>,
     metrics: Arc<Metrics>,
     store: Option<StoreLink>,
+    outflow: Outflow,
 ) {
     let (commit_tx, mut commit_rx) = mpsc::channel::<Commit>(1024);
     let mut r = Router {
@@ -125,6 +145,10 @@ pub async fn run(
         loads: Vec::new(),
         evictions: Vec::new(),
         sweep_cursor: None,
+        outflow,
+        parts: std::collections::BTreeMap::new(),
+        barriers: Vec::new(),
+        new_barriers: Vec::new(),
     };
     // A restored instance may hold more than its cap (the cap was lowered meanwhile).
     broker.enforce_offline_cap();
@@ -142,7 +166,7 @@ pub async fn run(
                 }
             }
             Some((n, result)) = commit_rx.recv() => {
-                r.release(&mut broker, n, result);
+                r.part_done(&mut broker, n, result);
                 continue;
             }
             _ = std::future::ready(()), if r.evictions_ready() => {
@@ -189,6 +213,7 @@ pub async fn run(
                     let _ = done.send(());
                 }
                 RouterMsg::Run(operation) => operation(&mut broker, now),
+                RouterMsg::Barrier { done } => r.new_barriers.push(done),
                 RouterMsg::Lost { conn } => {
                     broker.connection_lost(conn, now);
                     r.outboxes.remove(&conn);
@@ -200,7 +225,7 @@ pub async fn run(
                     // Let the last batches become durable so their answers go out.
                     while r.committed < r.submitted {
                         match commit_rx.recv().await {
-                            Some((n, result)) => r.release(&mut broker, n, result),
+                            Some((n, result)) => r.part_done(&mut broker, n, result),
                             None => break,
                         }
                     }
@@ -300,30 +325,100 @@ impl Router {
         }
     }
 
-    /// Hands the core's store operations to the writer as one batch.
+    /// Hands the core's store operations to the writer and its outflow publishes to the
+    /// rules, as one batch: what waits for the batch is released when both are done.
     fn submit(&mut self, broker: &mut Broker) {
+        let outflow: Vec<_> = broker.drain_outflow().collect();
+        let hooks = self.outflow.hooks.clone();
         let Some(link) = &self.store else {
+            // No store, nothing is held: the appends just go.
+            if let (Some(hooks), false) = (hooks, outflow.is_empty()) {
+                let append = hooks.outflow(&self.outflow.instance, outflow);
+                tokio::spawn(async move {
+                    if let Err(e) = append.await {
+                        error!(error = %e, "outflow: cannot append to the queue");
+                    }
+                });
+            }
+            for done in self.new_barriers.drain(..) {
+                let _ = done.send(Ok(()));
+            }
             return;
         };
         let ops: Vec<_> = broker.drain_store_ops().collect();
-        if ops.is_empty() {
+        if ops.is_empty() && outflow.is_empty() {
+            // Nothing new: barriers wait for what was submitted before them.
+            let batch = self.submitted;
+            for done in std::mem::take(&mut self.new_barriers) {
+                if batch <= self.committed {
+                    let _ = done.send(Ok(()));
+                } else {
+                    self.barriers.push((batch, done));
+                }
+            }
             return;
         }
         let batch = self.next_batch;
         self.next_batch += 1;
         self.submitted = batch;
-        let tx = self.commit_tx.clone();
-        let result = link.persistence.encode(&link.instance, ops).and_then(|kv| {
-            link.persistence.writer.submit(
-                kv,
-                Box::new(move |result| {
-                    // The writer is a plain thread; the channel is deep enough never to fill.
-                    let _ = tx.blocking_send((batch, result));
-                }),
-            )
-        });
-        if let Err(e) = result {
-            self.release(broker, batch, Err(e));
+        for done in std::mem::take(&mut self.new_barriers) {
+            self.barriers.push((batch, done));
+        }
+        let mut parts = 0u8;
+        let mut failed = None;
+        if !ops.is_empty() {
+            parts += 1;
+            let tx = self.commit_tx.clone();
+            let result = link.persistence.encode(&link.instance, ops).and_then(|kv| {
+                link.persistence.writer.submit(
+                    kv,
+                    Box::new(move |result| {
+                        // The writer is a plain thread; the channel is deep enough never to
+                        // fill.
+                        let _ = tx.blocking_send((batch, result));
+                    }),
+                )
+            });
+            if let Err(e) = result {
+                failed = Some(e);
+            }
+        }
+        if !outflow.is_empty() {
+            if let Some(hooks) = hooks {
+                parts += 1;
+                let append = hooks.outflow(&self.outflow.instance, outflow);
+                let tx = self.commit_tx.clone();
+                tokio::spawn(async move {
+                    let result = append.await.map_err(|e| {
+                        error!(error = %e, "outflow: cannot append to the queue");
+                        StoreError::Io(format!("outflow to the queue: {e}"))
+                    });
+                    let _ = tx.send((batch, result)).await;
+                });
+            }
+        }
+        self.parts.insert(batch, (parts, Ok(())));
+        if let Some(e) = failed {
+            self.part_done(broker, batch, Err(e));
+        } else if parts == 0 {
+            self.part_done(broker, batch, Ok(()));
+        }
+    }
+
+    /// One part of a batch is done; batches whose parts are all done are released, in order.
+    fn part_done(&mut self, broker: &mut Broker, batch: u64, result: Result<(), StoreError>) {
+        if let Some(entry) = self.parts.get_mut(&batch) {
+            entry.0 = entry.0.saturating_sub(1);
+            if entry.1.is_ok() {
+                entry.1 = result;
+            }
+        }
+        while let Some(entry) = self.parts.first_entry() {
+            if entry.get().0 > 0 {
+                break;
+            }
+            let (done, (_, result)) = entry.remove_entry();
+            self.release(broker, done, result);
         }
     }
 
@@ -496,6 +591,15 @@ impl Router {
     /// that waited for it.
     fn release(&mut self, broker: &mut Broker, batch: u64, result: Result<(), StoreError>) {
         self.committed = self.committed.max(batch);
+        let mut i = 0;
+        while i < self.barriers.len() {
+            if self.barriers[i].0 <= batch {
+                let (_, done) = self.barriers.swap_remove(i);
+                let _ = done.send(result.clone());
+            } else {
+                i += 1;
+            }
+        }
         self.release_held(batch, result);
         if !self.loads.is_empty() {
             self.run_loads(broker);

@@ -102,6 +102,17 @@ impl Server {
         meta: Arc<Meta>,
         persistence: Option<Arc<Persistence>>,
     ) -> io::Result<Server> {
+        Self::start_with_hooks(config, meta, persistence, None).await
+    }
+
+    /// [`Server::start_with_store`], reporting status events and outflow publishes to `hooks`
+    /// (the rules).
+    pub async fn start_with_hooks(
+        config: Config,
+        meta: Arc<Meta>,
+        persistence: Option<Arc<Persistence>>,
+        hooks: Option<Arc<dyn crate::Hooks>>,
+    ) -> io::Result<Server> {
         meta.instance(&config.default_instance).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -119,6 +130,7 @@ impl Server {
             config.router_queue,
             metrics.clone(),
             persistence.clone(),
+            hooks,
         ));
         if persistence.is_some() {
             // Stored sessions must exist (and queue messages) before their clients come back.

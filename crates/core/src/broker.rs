@@ -9,7 +9,7 @@
 //! receive maximum) lives in [`crate::conn::Connection`], next to the socket.
 
 use crate::acl::{Acl, Action, Permissions, TopicPolicy};
-use crate::message::{Message, SharedMessage};
+use crate::message::{Message, Outflow, SharedMessage};
 use crate::offline::{EvictRequest, OfflineIndex};
 use crate::persist::{LoadRequest, MessageState, SessionRecord, StoreOp, StoredMessage};
 use crate::retained::{MemoryRetained, RetainedStore};
@@ -23,7 +23,7 @@ use ferry_codec::{
     ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -134,6 +134,7 @@ struct ConnState {
     window: usize,
     /// Whether the CONNECT set session expiry 0 (v5 forbids raising it at DISCONNECT then).
     zero_expiry_at_connect: bool,
+    clean_start: bool,
     problem_info: bool,
     permissions: Permissions,
     peer: Option<String>,
@@ -181,6 +182,10 @@ pub struct Broker {
     loads: Vec<LoadRequest>,
     evictions: Vec<EvictRequest>,
     offline: OfflineIndex,
+    /// Parent topics (first topic levels) with an outflow rule, and what was published under
+    /// them since the runtime last looked.
+    outflow_parents: HashSet<String>,
+    outflow: Vec<Outflow>,
     /// The next stored-message position; one counter for all sessions, so positions order
     /// messages by when they were queued (see `offline.rs`).
     seq_clock: u64,
@@ -231,6 +236,8 @@ impl Broker {
             loads: Vec::new(),
             evictions: Vec::new(),
             offline: OfflineIndex::default(),
+            outflow_parents: HashSet::new(),
+            outflow: Vec::new(),
             seq_clock: 1,
             sessions,
             retained,
@@ -260,6 +267,18 @@ impl Broker {
     /// Loads of spilled messages asked for so far.
     pub fn drain_loads(&mut self) -> std::vec::Drain<'_, LoadRequest> {
         self.loads.drain(..)
+    }
+
+    /// The parent topics whose client publishes go to the server-side queue (outflow rules).
+    pub fn set_outflow_parents(&mut self, parents: impl IntoIterator<Item = String>) {
+        self.outflow_parents = parents.into_iter().collect();
+    }
+
+    /// Client publishes under an outflow parent since the last call, in order. Their
+    /// acknowledgements were emitted as [`Output::SendDurable`]: the runtime releases them once
+    /// these are stored in the queue (and the store ops are durable).
+    pub fn drain_outflow(&mut self) -> std::vec::Drain<'_, Outflow> {
+        self.outflow.drain(..)
     }
 
     /// Evictions of offline messages asked for so far (see [`EvictRequest`]).
@@ -501,6 +520,7 @@ impl Broker {
                 max_packet_size: connect.properties.maximum_packet_size.unwrap_or(u32::MAX),
                 window,
                 zero_expiry_at_connect: requested_expiry == 0,
+                clean_start: connect.clean_start,
                 problem_info: connect.properties.request_problem_information != Some(0),
                 permissions: grant.permissions,
                 peer: grant.peer,
@@ -622,9 +642,10 @@ impl Broker {
     /// and topic aliases are dealt with by [`crate::conn::Connection`] before this.
     pub fn handle(&mut self, conn: ConnId, packet: Packet, now: Instant) {
         let ops_before = self.store_ops.len();
+        let outflow_before = self.outflow.len();
         let out_before = self.out.len();
         self.handle_packet(conn, packet, now);
-        if self.store_ops.len() > ops_before {
+        if self.store_ops.len() > ops_before || self.outflow.len() > outflow_before {
             // What this packet changed is being stored: the answers to it wait for that.
             for output in &mut self.out[out_before..] {
                 if let Output::Send { conn: c, packet } = output {
@@ -861,8 +882,20 @@ impl Broker {
             .expect("connected session")
             .client_id
             .clone();
+        let expiry_interval = publish.properties.message_expiry_interval;
         let msg = Arc::new(Message::from_publish(publish, client_id, now));
         self.stats.messages_received += 1;
+        if !self.outflow_parents.is_empty() {
+            let parent = msg.topic.split('/').next().unwrap_or_default();
+            if self.outflow_parents.contains(parent) {
+                self.outflow.push(Outflow {
+                    client_id: msg.publisher.clone(),
+                    clean_start: self.conns[&conn].clean_start,
+                    msg: msg.clone(),
+                    expiry_interval,
+                });
+            }
+        }
         self.publish_shared(msg, now);
         match qos {
             QoS::AtMostOnce => {}
@@ -874,6 +907,35 @@ impl Broker {
     /// Publishes a message made by the server (or the runtime) as if a client had sent it.
     pub fn publish(&mut self, msg: Message, now: Instant) {
         self.publish_shared(Arc::new(msg), now);
+    }
+
+    /// Sends a message made by the server to one client only, without a subscription (P2P
+    /// from the queue's inflow rules; the client sees `msg.topic`). With `online_only`, a
+    /// client that is not connected does not get it (nothing is queued). Returns whether the
+    /// client has a session.
+    pub fn publish_to(
+        &mut self,
+        client_id: &str,
+        msg: Message,
+        online_only: bool,
+        now: Instant,
+    ) -> bool {
+        let Some(sid) = self.sessions.find(client_id) else {
+            return false;
+        };
+        if online_only && self.sessions.get(sid).is_some_and(|s| s.conn.is_none()) {
+            return true;
+        }
+        let msg = Arc::new(msg);
+        let delivery = Delivery {
+            qos: msg.qos,
+            msg,
+            retain: false,
+            sub_ids: Vec::new(),
+            seq: 0,
+        };
+        self.deliver(sid, delivery, now);
+        true
     }
 
     /// Updates the retained index for a retained message, then routes it.

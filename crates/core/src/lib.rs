@@ -30,7 +30,7 @@ pub mod trie;
 pub use acl::{Acl, AclAction, AclRule, Action, Grant, Permissions, TopicPolicy};
 pub use broker::{Accepted, Broker, ClientGrant, ClientInfo, ConnId, Limits, Output, Stats};
 pub use conn::Connection;
-pub use message::{Message, SharedMessage};
+pub use message::{Message, Outflow, SharedMessage};
 pub use retained::{MemoryRetained, RetainedStore};
 pub use session::{MemorySessions, Session, SessionRegistry};
 pub use trie::{SessionId, Subscription, SubscriptionTree};

@@ -5,6 +5,19 @@ use ferry_codec::{ByteStr, Properties, Publish, QoS};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A PUBLISH a client sent under a parent topic that has an outflow rule, handed to the
+/// runtime ([`crate::Broker::drain_outflow`]) to be appended to the server-side queue; the
+/// publisher's acknowledgement waits for that ([`crate::Output::SendDurable`]).
+#[derive(Debug, Clone)]
+pub struct Outflow {
+    pub client_id: ByteStr,
+    /// The CONNECT's clean session (v3) / clean start (v5) flag.
+    pub clean_start: bool,
+    pub msg: SharedMessage,
+    /// The message expiry interval the publisher set (seconds), for the queue's properties.
+    pub expiry_interval: Option<u32>,
+}
+
 /// One published message. Shared (`Arc`) by every subscriber it fans out to, so the payload is
 /// never copied per subscriber.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -190,10 +190,19 @@ fn serve(args: ServeArgs) -> Result<()> {
             sync: durability == ferry_store::Durability::Sync,
             clock: ferry_broker::persist::Clock::now(),
         });
-        let server =
-            ferry_broker::Server::start_with_store(runtime_config, meta.clone(), Some(persistence))
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
+        // The rules see the broker's status events and outflow publishes from the start; their
+        // inflow consumers run once the broker is up.
+        let rules = ferry_rules::Rules::new(meta.clone(), queue.clone());
+        let hooks: std::sync::Arc<dyn ferry_broker::Hooks> = rules.clone();
+        let server = ferry_broker::Server::start_with_hooks(
+            runtime_config,
+            meta.clone(),
+            Some(persistence),
+            Some(hooks),
+        )
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+        rules.start(server.control()).await;
         let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
         let mut api_task = None;
         let mut api_url = None;
@@ -203,9 +212,14 @@ fn serve(args: ServeArgs) -> Result<()> {
                 .with_context(|| format!("cannot listen on {} (api.listen)", file.api.listen))?;
             let url = format!("http://{}", listener.local_addr()?);
             datadir::write_endpoint(&data_dir, &url)?;
+            let rules = rules.clone();
             let state = ferry_admin::AdminState {
                 meta: meta.clone(),
                 control: server.control(),
+                rules_changed: Some(std::sync::Arc::new(move |instance: String| {
+                    let rules = rules.clone();
+                    Box::pin(async move { rules.reload(Some(&instance)).await })
+                })),
             };
             api_task = Some(tokio::spawn(ferry_admin::serve(listener, state, async {
                 let _ = api_stopped.await;
@@ -259,6 +273,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             qs.shutdown().await;
         }
         drop(queue);
+        rules.stop();
         server.shutdown().await;
         Ok(())
     })

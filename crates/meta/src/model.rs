@@ -190,3 +190,59 @@ pub struct AdminKey {
     pub secret: String,
     pub created_at: u64,
 }
+
+/// What a rule connects (§6.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleType {
+    /// Queue topic → MQTT parent topic.
+    Inflow,
+    /// MQTT parent topic → queue topic.
+    Outflow,
+    /// Status events of a Group ID's clients → queue topic.
+    Status,
+}
+
+impl RuleType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleType::Inflow => "inflow",
+            RuleType::Outflow => "outflow",
+            RuleType::Status => "status",
+        }
+    }
+}
+
+/// An external RocketMQ 5 endpoint a rule targets (outflow, status) or sources (inflow) instead
+/// of the embedded queue. The secret is write-only: it is stored, never shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteEndpoint {
+    /// `host:port` of the RocketMQ 5 gRPC endpoint (plaintext).
+    pub endpoint: String,
+    /// AccessKey id; absent = anonymous.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub access_key_secret: String,
+    /// The namespace (`x-mq-namespace`); empty = the server's default.
+    #[serde(default)]
+    pub namespace: String,
+}
+
+/// A rule (§6.2). `source` and `target` mean, by type: inflow = queue topic → parent topic;
+/// outflow = parent topic → queue topic; status = Group ID → queue topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub rule_type: RuleType,
+    pub source: String,
+    pub target: String,
+    /// Inflow only: the queue tag filter (`*` or `a||b`).
+    pub tag_filter: String,
+    pub enabled: bool,
+    /// The external RocketMQ the queue side is on; `None` = the embedded queue.
+    pub remote: Option<RemoteEndpoint>,
+    pub created_at: u64,
+}

@@ -23,7 +23,13 @@ struct Tenant {
     /// client id → credential.
     credentials: BTreeMap<String, DeviceCredential>,
     tokens: BTreeMap<String, Token>,
+    /// name → rule.
+    #[serde(default)]
+    rules: BTreeMap<String, Rule>,
 }
+
+/// Rules one instance may have.
+pub const MAX_RULES: usize = 100;
 
 #[derive(Debug, Default)]
 struct State {
@@ -69,6 +75,9 @@ struct StoredTenant {
     tenant: Tenant,
     key_secrets: BTreeMap<String, String>,
     credential_secrets: BTreeMap<String, String>,
+    /// rule name → the remote endpoint's AccessKey secret.
+    #[serde(default)]
+    rule_secrets: BTreeMap<String, String>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -93,6 +102,13 @@ fn encode_tenant(t: &Tenant) -> Vec<u8> {
             .iter()
             .map(|(id, c)| (id.clone(), c.device_access_key_secret.clone()))
             .collect(),
+        rule_secrets: t
+            .rules
+            .iter()
+            .filter_map(|(name, r)| {
+                Some((name.clone(), r.remote.as_ref()?.access_key_secret.clone()))
+            })
+            .collect(),
     };
     serde_json::to_vec(&stored).expect("metadata serializes")
 }
@@ -104,6 +120,11 @@ fn decode_tenant(raw: &[u8]) -> Result<Tenant, String> {
     }
     for (id, cred) in stored.tenant.credentials.iter_mut() {
         cred.device_access_key_secret = stored.credential_secrets.remove(id).unwrap_or_default();
+    }
+    for (name, rule) in stored.tenant.rules.iter_mut() {
+        if let Some(remote) = rule.remote.as_mut() {
+            remote.access_key_secret = stored.rule_secrets.remove(name).unwrap_or_default();
+        }
     }
     Ok(stored.tenant)
 }
@@ -134,6 +155,10 @@ fn random_secret() -> String {
         }
     }
     out
+}
+
+fn no_rule(name: &str) -> MetaError {
+    MetaError::not_found("RuleNotFound", format!("rule {name:?} does not exist"))
 }
 
 fn no_instance(id: &str) -> MetaError {
@@ -436,6 +461,159 @@ impl Meta {
             s.tenants
                 .get(instance)
                 .is_some_and(|t| t.topics.contains_key(parent))
+        })
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Rules
+
+    /// Creates a rule after checking it (names, the referenced parent topic or group, and
+    /// §6.2's limits: one status rule per group, one inflow and one outflow per parent topic).
+    pub fn create_rule(&self, instance: &str, rule: Rule) -> Result<Rule, MetaError> {
+        validate::rule_name(&rule.name)?;
+        let mut rule = rule;
+        match rule.rule_type {
+            RuleType::Inflow => {
+                validate::queue_topic("source", &rule.source)?;
+                validate::parent_topic(&rule.target)
+                    .map_err(|e| MetaError::invalid(format!("target: {}", e.message)))?;
+                if rule.tag_filter.trim().is_empty() {
+                    rule.tag_filter = "*".into();
+                }
+                validate::tag_filter(&rule.tag_filter)?;
+            }
+            RuleType::Outflow => {
+                validate::parent_topic(&rule.source)
+                    .map_err(|e| MetaError::invalid(format!("source: {}", e.message)))?;
+                validate::queue_topic("target", &rule.target)?;
+            }
+            RuleType::Status => {
+                validate::group_id(&rule.source)
+                    .map_err(|e| MetaError::invalid(format!("source: {}", e.message)))?;
+                validate::queue_topic("target", &rule.target)?;
+            }
+        }
+        if rule.rule_type != RuleType::Inflow && !rule.tag_filter.is_empty() {
+            return Err(MetaError::invalid(format!(
+                "tag_filter: only inflow rules filter by tag, this is an {} rule",
+                rule.rule_type.as_str()
+            )));
+        }
+        if let Some(remote) = &rule.remote {
+            validate::endpoint(&remote.endpoint)?;
+            if remote.access_key_id.is_some() && remote.access_key_secret.is_empty() {
+                return Err(MetaError::invalid(
+                    "remote.access_key_secret: required with remote.access_key_id",
+                ));
+            }
+        }
+        self.write(Touched::Tenant(instance), |s| {
+            let t = Self::tenant_mut(s, instance)?;
+            if t.rules.contains_key(&rule.name) {
+                return Err(MetaError::conflict(
+                    "RuleAlreadyExists",
+                    format!("rule {:?} exists already", rule.name),
+                ));
+            }
+            if t.rules.len() >= MAX_RULES {
+                return Err(MetaError::limit(
+                    "RuleLimitExceeded",
+                    format!("an instance has at most {MAX_RULES} rules"),
+                ));
+            }
+            let requires_parent = t
+                .instance
+                .as_ref()
+                .is_some_and(|i| i.settings.require_parent_topic);
+            let (parent, side) = match rule.rule_type {
+                RuleType::Inflow => (Some(&rule.target), "target"),
+                RuleType::Outflow => (Some(&rule.source), "source"),
+                RuleType::Status => (None, "source"),
+            };
+            if let Some(parent) = parent {
+                if requires_parent && !t.topics.contains_key(parent.as_str()) {
+                    return Err(MetaError::not_found(
+                        "TopicNotFound",
+                        format!("{side}: parent topic {parent:?} does not exist"),
+                    ));
+                }
+            } else if !t.groups.contains_key(&rule.source) {
+                return Err(MetaError::not_found(
+                    "GroupIdNotFound",
+                    format!("source: group {:?} does not exist", rule.source),
+                ));
+            }
+            let clash = t.rules.values().find(|r| {
+                r.rule_type == rule.rule_type
+                    && match rule.rule_type {
+                        RuleType::Inflow => r.target == rule.target,
+                        RuleType::Outflow | RuleType::Status => r.source == rule.source,
+                    }
+            });
+            if let Some(other) = clash {
+                let what = match rule.rule_type {
+                    RuleType::Inflow => {
+                        format!("parent topic {:?} has an inflow rule", rule.target)
+                    }
+                    RuleType::Outflow => {
+                        format!("parent topic {:?} has an outflow rule", rule.source)
+                    }
+                    RuleType::Status => format!("group {:?} has a status rule", rule.source),
+                };
+                return Err(MetaError::conflict(
+                    "RuleConflict",
+                    format!("{what} already: {:?}", other.name),
+                ));
+            }
+            t.rules.insert(rule.name.clone(), rule.clone());
+            Ok(rule)
+        })
+    }
+
+    /// The instance's rules (with remote secrets: never serialized).
+    pub fn rules(&self, instance: &str) -> Result<Vec<Rule>, MetaError> {
+        self.list(instance, |t| &t.rules)
+    }
+
+    pub fn rule(&self, instance: &str, name: &str) -> Result<Rule, MetaError> {
+        self.read(|s| {
+            Self::tenant(s, instance)?
+                .rules
+                .get(name)
+                .cloned()
+                .ok_or_else(|| no_rule(name))
+        })
+    }
+
+    /// Turns a rule on or off.
+    pub fn set_rule_enabled(
+        &self,
+        instance: &str,
+        name: &str,
+        enabled: bool,
+    ) -> Result<Rule, MetaError> {
+        self.write(Touched::Tenant(instance), |s| {
+            let rule = Self::tenant_mut(s, instance)?
+                .rules
+                .get_mut(name)
+                .ok_or_else(|| no_rule(name))?;
+            rule.enabled = enabled;
+            Ok(rule.clone())
+        })
+    }
+
+    pub fn delete_rule(&self, instance: &str, name: &str) -> Result<(), MetaError> {
+        self.remove(instance, name, |t| &mut t.rules, || no_rule(name))
+    }
+
+    /// Every rule of every instance: (instance, rule).
+    pub fn all_rules(&self) -> Vec<(String, Rule)> {
+        self.read(|s| {
+            s.tenants
+                .iter()
+                .filter(|(_, t)| t.instance.is_some())
+                .flat_map(|(id, t)| t.rules.values().map(move |r| (id.clone(), r.clone())))
+                .collect()
         })
     }
 

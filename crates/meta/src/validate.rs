@@ -109,6 +109,65 @@ pub fn token_resources(resources: &[String]) -> Result<(), MetaError> {
     Ok(())
 }
 
+/// Rule name: 1–64 characters of `[A-Za-z0-9_-]`.
+pub fn rule_name(name: &str) -> Result<(), MetaError> {
+    if name.is_empty() || name.len() > 64 || !charset_ok(name, &['_', '-']) {
+        return Err(MetaError::invalid(format!(
+            "name {name:?}: must be 1-64 characters of A-Z, a-z, 0-9, '_' and '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// Queue topic (RocketMQ): 1–127 characters of `[A-Za-z0-9%_-]`, not starting with `%`.
+pub fn queue_topic(field: &str, name: &str) -> Result<(), MetaError> {
+    if name.is_empty()
+        || name.len() > 127
+        || name.starts_with('%')
+        || !charset_ok(name, &['%', '_', '-'])
+    {
+        return Err(MetaError::invalid(format!(
+            "{field} {name:?}: a queue topic is 1-127 characters of A-Z, a-z, 0-9, '%', '_' and '-' (not starting with '%')"
+        )));
+    }
+    Ok(())
+}
+
+/// A queue tag filter: `*`, or tags separated by `||` (no empty tag, no other `|`).
+pub fn tag_filter(expr: &str) -> Result<(), MetaError> {
+    let expr = expr.trim();
+    if expr.is_empty() || expr == "*" {
+        return Ok(());
+    }
+    for tag in expr.split("||") {
+        let tag = tag.trim();
+        if tag.is_empty() || tag.contains('|') {
+            return Err(MetaError::invalid(format!(
+                "tag_filter {expr:?}: must be '*' or tags separated by '||'"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `host:port` of a remote endpoint.
+pub fn endpoint(endpoint: &str) -> Result<(), MetaError> {
+    let rest = endpoint
+        .strip_prefix("http://")
+        .unwrap_or(endpoint)
+        .trim_end_matches('/');
+    let ok = rest
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if ok {
+        Ok(())
+    } else {
+        Err(MetaError::invalid(format!(
+            "remote.endpoint {endpoint:?}: must be host:port"
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
