@@ -94,6 +94,64 @@ enum Resource {
     /// Admin keys (they authenticate API calls).
     #[command(subcommand)]
     AdminKeys(AdminKeyCmd),
+    /// Rules between MQTT and the server-side queue (inflow, outflow, status).
+    #[command(subcommand)]
+    Rules(RuleCmd),
+    /// The instance's alarm events (e.g. offline messages evicted at its cap).
+    Alarms,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RuleTypeArg {
+    /// Queue topic → MQTT parent topic.
+    Inflow,
+    /// MQTT parent topic → queue topic.
+    Outflow,
+    /// Status events of a Group ID's clients → queue topic.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum RuleCmd {
+    /// List rules.
+    List,
+    /// Show one rule.
+    Show { name: String },
+    /// Create a rule: inflow SOURCE = queue topic, TARGET = parent topic; outflow SOURCE =
+    /// parent topic, TARGET = queue topic; status SOURCE = Group ID, TARGET = queue topic.
+    Create {
+        name: String,
+        #[arg(long = "type", value_enum)]
+        rule_type: RuleTypeArg,
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        target: String,
+        /// Inflow only: queue tag filter, `*` (default) or `a||b`.
+        #[arg(long)]
+        tag_filter: Option<String>,
+        /// Create it disabled.
+        #[arg(long)]
+        disabled: bool,
+        /// An external RocketMQ 5 endpoint (host:port) instead of the embedded queue.
+        #[arg(long)]
+        remote_endpoint: Option<String>,
+        /// The external endpoint's AccessKey id.
+        #[arg(long, requires = "remote_endpoint")]
+        remote_key_id: Option<String>,
+        /// The external endpoint's AccessKey secret.
+        #[arg(long, requires = "remote_key_id")]
+        remote_key_secret: Option<String>,
+        /// The external endpoint's namespace.
+        #[arg(long, requires = "remote_endpoint")]
+        remote_namespace: Option<String>,
+    },
+    /// Turn a rule on.
+    Enable { name: String },
+    /// Turn a rule off.
+    Disable { name: String },
+    /// Delete a rule.
+    Delete { name: String },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -875,6 +933,123 @@ fn execute(args: CtlArgs) -> Result<String> {
                 Box::new(|o, v| o.fields(v, &[("msg_id", "msg_id")])),
             )
         }
+        Resource::Rules(cmd) => {
+            let cols: &'static [(&'static str, &'static str)] = &[
+                ("NAME", "name"),
+                ("TYPE", "type"),
+                ("SOURCE", "source"),
+                ("TARGET", "target"),
+                ("TAGS", "tag_filter"),
+                ("ENABLED", "enabled"),
+            ];
+            match cmd {
+                RuleCmd::List => (
+                    api.call(Method::Get, &format!("{inst}/rules"), None)?,
+                    Box::new(move |o, v| o.table(v, cols)),
+                ),
+                RuleCmd::Show { name } => (
+                    api.call(Method::Get, &format!("{inst}/rules/{}", enc(&name)), None)?,
+                    Box::new(move |o, v| {
+                        o.fields(
+                            v,
+                            &[
+                                ("name", "name"),
+                                ("type", "type"),
+                                ("source", "source"),
+                                ("target", "target"),
+                                ("tag_filter", "tag_filter"),
+                                ("enabled", "enabled"),
+                                ("remote", "remote"),
+                                ("created_at", "created_at"),
+                            ],
+                        )
+                    }),
+                ),
+                RuleCmd::Create {
+                    name,
+                    rule_type,
+                    source,
+                    target,
+                    tag_filter,
+                    disabled,
+                    remote_endpoint,
+                    remote_key_id,
+                    remote_key_secret,
+                    remote_namespace,
+                } => {
+                    let kind = match rule_type {
+                        RuleTypeArg::Inflow => "inflow",
+                        RuleTypeArg::Outflow => "outflow",
+                        RuleTypeArg::Status => "status",
+                    };
+                    let mut body = json!({
+                        "name": name,
+                        "type": kind,
+                        "source": source,
+                        "target": target,
+                        "enabled": !disabled,
+                    });
+                    if let Some(t) = tag_filter {
+                        body["tag_filter"] = json!(t);
+                    }
+                    if let Some(endpoint) = remote_endpoint {
+                        let mut remote = json!({ "endpoint": endpoint });
+                        if let Some(id) = remote_key_id {
+                            remote["access_key_id"] = json!(id);
+                            remote["access_key_secret"] =
+                                json!(remote_key_secret.unwrap_or_default());
+                        }
+                        if let Some(ns) = remote_namespace {
+                            remote["namespace"] = json!(ns);
+                        }
+                        body["remote"] = remote;
+                    }
+                    (
+                        api.call(Method::Post, &format!("{inst}/rules"), Some(body))?,
+                        Box::new(move |o, _| o.line(format!("created {kind} rule {name}"))),
+                    )
+                }
+                RuleCmd::Enable { name } => (
+                    api.call(
+                        Method::Patch,
+                        &format!("{inst}/rules/{}", enc(&name)),
+                        Some(json!({ "enabled": true })),
+                    )?,
+                    Box::new(move |o, _| o.line(format!("enabled rule {name}"))),
+                ),
+                RuleCmd::Disable { name } => (
+                    api.call(
+                        Method::Patch,
+                        &format!("{inst}/rules/{}", enc(&name)),
+                        Some(json!({ "enabled": false })),
+                    )?,
+                    Box::new(move |o, _| o.line(format!("disabled rule {name}"))),
+                ),
+                RuleCmd::Delete { name } => (
+                    api.call(
+                        Method::Delete,
+                        &format!("{inst}/rules/{}", enc(&name)),
+                        None,
+                    )?,
+                    Box::new(move |o, _| o.line(format!("deleted rule {name}"))),
+                ),
+            }
+        }
+        Resource::Alarms => (
+            api.call(Method::Get, &format!("{inst}/alarms"), None)?,
+            Box::new(|o, v| {
+                o.table(
+                    v,
+                    &[
+                        ("KIND", "kind"),
+                        ("COUNT", "count"),
+                        ("FIRST", "first_at"),
+                        ("LAST", "last_at"),
+                        ("MESSAGE", "message"),
+                    ],
+                )
+            }),
+        ),
         Resource::AdminKeys(cmd) => match cmd {
             AdminKeyCmd::List => (
                 api.call(Method::Get, "/admin-keys", None)?,
