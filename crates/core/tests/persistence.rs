@@ -331,3 +331,52 @@ fn the_offline_cap_evicts_the_oldest_messages_of_the_instance_first() {
     }
     assert_eq!(b.offline_messages(), 0);
 }
+
+#[test]
+fn publishes_under_an_outflow_parent_go_to_the_queue_before_they_are_acknowledged() {
+    let t0 = Instant::now();
+    let mut b = Broker::new(Limits::default(), Acl::default());
+    b.set_outflow_parents(["TopicA".to_string()]);
+    online(&mut b, 1, v3("GID_x@@@dev1", false), t0);
+    subscriber(&mut b, 2, v5("watcher"), "#", QoS::AtLeastOnce, t0);
+    b.handle(
+        1,
+        pub_packet("TopicA/testMq4Iot", "r1", QoS::AtLeastOnce, 7),
+        t0,
+    );
+    let out = drain(&mut b);
+    assert!(
+        out.iter().any(|o| matches!(o, Output::SendDurable { conn: 1, packet: Packet::PubAck(a) } if a.packet_id == 7)),
+        "the PUBACK waits for the queue: {out:?}"
+    );
+    assert_eq!(
+        publishes_to(&out, 2).len(),
+        1,
+        "MQTT subscribers get it as usual"
+    );
+    let outflow: Vec<_> = b.drain_outflow().collect();
+    assert_eq!(outflow.len(), 1);
+    assert_eq!(outflow[0].client_id.as_str(), "GID_x@@@dev1");
+    assert!(!outflow[0].clean_start);
+    assert_eq!(outflow[0].msg.topic.as_str(), "TopicA/testMq4Iot");
+
+    // Other parents, and QoS 0, are not held; QoS 0 still goes to the queue.
+    b.handle(1, pub_packet("TopicB/x", "r2", QoS::AtLeastOnce, 8), t0);
+    let out = drain(&mut b);
+    assert!(out.iter().any(
+        |o| matches!(o, Output::Send { conn: 1, packet: Packet::PubAck(a) } if a.packet_id == 8)
+    ));
+    assert_eq!(b.drain_outflow().count(), 0);
+    b.handle(1, pub_packet("TopicA", "r3", QoS::AtMostOnce, 0), t0);
+    drain(&mut b);
+    assert_eq!(
+        b.drain_outflow().count(),
+        1,
+        "the parent itself is under the parent"
+    );
+    // Once the rule is gone, nothing goes to the queue.
+    b.set_outflow_parents(Vec::<String>::new());
+    b.handle(1, pub_packet("TopicA/y", "r4", QoS::AtLeastOnce, 9), t0);
+    drain(&mut b);
+    assert_eq!(b.drain_outflow().count(), 0, "no rule any more");
+}
