@@ -5,54 +5,21 @@
 
 const { test, before, after } = require('node:test');
 const assert = require('node:assert');
-const { spawn } = require('node:child_process');
-const fs = require('node:fs');
-const os = require('node:os');
-const path = require('node:path');
 const { Producer, SimpleConsumer, PushConsumer, ConsumeResult } = require('rocketmq-client-nodejs');
+const { unique, startFerry } = require('../support');
 
 const WAIT_MS = 15000;
 const quiet = { info() {}, warn() {}, error() {}, debug() {}, trace() {} };
-let ferry;
+let server;
 let endpoint;
-let dataDir;
-
-function ferryBin() {
-  if (process.env.FERRY_BIN) return process.env.FERRY_BIN;
-  const target = process.env.CARGO_TARGET_DIR || path.join(__dirname, '..', '..', '..', '..', 'target');
-  return path.join(target, 'debug', 'ferry');
-}
-
-function unique(kind) {
-  return `${kind}-${Math.random().toString(16).slice(2, 14)}`;
-}
 
 before(async () => {
-  dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-node-'));
-  ferry = spawn(ferryBin(), ['serve', '--listen', '127.0.0.1:0', '--api-listen', '127.0.0.1:0',
-    '--queue-listen', '127.0.0.1:0', '--data-dir', path.join(dataDir, 'data'), '--log-level', 'warn'],
-  { stdio: ['ignore', 'pipe', 'inherit'] });
-  endpoint = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('ferry did not print its queue address')), 30000);
-    let buf = '';
-    ferry.stdout.on('data', (chunk) => {
-      buf += chunk.toString();
-      const m = buf.match(/ferry: queue listening on (\S+)/);
-      if (m) { clearTimeout(timer); resolve(m[1]); }
-    });
-    ferry.on('exit', (code) => reject(new Error(`ferry exited with ${code}`)));
-  });
+  server = await startFerry();
+  endpoint = server.endpoint;
 });
 
 after(async () => {
-  if (ferry && ferry.exitCode === null) {
-    const exited = new Promise((r) => ferry.once('exit', r));
-    process.kill(ferry.pid, 'SIGTERM');
-    const timer = setTimeout(() => process.kill(ferry.pid, 'SIGKILL'), 10000);
-    await exited;
-    clearTimeout(timer);
-  }
-  fs.rmSync(dataDir, { recursive: true, force: true });
+  if (server) await server.stop();
   // The SDK leaves gRPC channels and timers behind after shutdown(); do not let them keep this
   // test process alive once every test has finished.
   setTimeout(() => process.exit(), 200).unref();
