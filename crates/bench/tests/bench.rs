@@ -255,7 +255,19 @@ async fn pub_and_sub_in_separate_runs_meet_and_sub_stops_at_its_count() {
         hold: Some(Duration::from_secs(30)),
         stop_after: Some(1500),
     }));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Publish only once all three subscriptions exist (bounded wait).
+    let control = server.control();
+    for i in 0..3 {
+        let topic = format!("split/{i}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while control.subscribers_of("default", &topic).await.unwrap_or(0) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the subscribers never subscribed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let p = run(Plan {
         name: "pub".into(),
         common: common(addr, "pub"),
