@@ -897,7 +897,7 @@ impl PacketIds {
 fn spawn_progress(plan: &Plan, shared: &Arc<Shared>) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(4));
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+        ProgressStyle::with_template("{spinner} {elapsed:>4} {wide_msg}")
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     let total = plan.clients();
@@ -909,15 +909,15 @@ fn spawn_progress(plan: &Plan, shared: &Arc<Shared>) -> ProgressBar {
             let (sent, received) = (shared.sent.load(Relaxed), shared.received.load(Relaxed));
             let secs = last.0.elapsed().as_secs_f64().max(1e-3);
             bar2.set_message(format!(
-                "conn {}/{} up {} failed {} | sent {} ({}/s) recv {} ({}/s) | errors {}",
+                "conn {}/{} up {} failed {} | sent {} {}/s | recv {} {}/s | errors {}",
                 shared.connected.load(Relaxed),
                 total,
                 shared.up.load(Relaxed),
                 shared.failed.load(Relaxed),
-                sent,
-                human((sent - last.1) as f64 / secs),
-                received,
-                human((received.saturating_sub(last.2)) as f64 / secs),
+                human(sent as f64),
+                human(sent.saturating_sub(last.1) as f64 / secs),
+                human(received as f64),
+                human(received.saturating_sub(last.2) as f64 / secs),
                 shared.dropped.load(Relaxed) + shared.failed.load(Relaxed),
             ));
             bar2.tick();
