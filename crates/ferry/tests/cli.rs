@@ -22,6 +22,8 @@ fn run_with_config(toml: &str) -> (bool, String) {
             "127.0.0.1:0",
             "--api-listen",
             "127.0.0.1:0",
+            "--queue-listen",
+            "127.0.0.1:0",
         ])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
@@ -70,6 +72,8 @@ fn serves_and_stops_on_sigterm() {
             "127.0.0.1:0",
             "--api-listen",
             "127.0.0.1:0",
+            "--queue-listen",
+            "127.0.0.1:0",
         ])
         .args(["--log-level", "warn", "--data-dir"])
         .arg(dir.path())
@@ -85,6 +89,12 @@ fn serves_and_stops_on_sigterm() {
     assert!(
         api.starts_with("ferry: api listening on http://127.0.0.1:"),
         "{api:?}"
+    );
+    let mut queue = String::new();
+    stdout.read_line(&mut queue).unwrap();
+    assert!(
+        queue.starts_with("ferry: queue listening on 127.0.0.1:"),
+        "{queue:?}"
     );
     let mut key = String::new();
     stdout.read_line(&mut key).unwrap();

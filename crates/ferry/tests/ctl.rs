@@ -43,6 +43,8 @@ impl Server {
                 "127.0.0.1:0",
                 "--api-listen",
                 "127.0.0.1:0",
+                "--queue-listen",
+                "127.0.0.1:0",
             ])
             .args(["--log-level", "warn", "--data-dir"])
             .arg(dir.path())
@@ -51,12 +53,12 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // Read the three start-up lines on a thread, so a silent server cannot hang the test.
+        // Read the four start-up lines on a thread, so a silent server cannot hang the test.
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
-            for _ in 0..3 {
+            for _ in 0..4 {
                 match lines.next() {
                     Some(Ok(line)) => {
                         if tx.send(line).is_err() {
@@ -75,6 +77,8 @@ impl Server {
         };
         let mqtt = next();
         let api = next();
+        let queue = next();
+        assert!(queue.starts_with("ferry: queue listening on "), "{queue:?}");
         let key = next();
         let mqtt = mqtt
             .strip_prefix("ferry: mqtt listening on ")

@@ -77,6 +77,7 @@ impl Broker {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(["--api-listen", "127.0.0.1:0"])
+            .args(["--queue-listen", "127.0.0.1:0"])
             .args(["--log-level", "warn", "--max-connections", "30000"])
             .arg("--data-dir")
             .arg(&data)
