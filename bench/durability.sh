@@ -20,7 +20,7 @@ run() { # name durability persistent-flag
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     printf 'durability = "%s"\n' "$durability" >"$work/$name.toml"
     "${pin_broker[@]}" "$ferry" serve --config "$work/$name.toml" --listen "127.0.0.1:$port" \
-        --api-listen 127.0.0.1:0 --data-dir "$work/$name" --log-level warn >"$work/$name.log" 2>&1 &
+        --api-listen 127.0.0.1:0 --queue-listen 127.0.0.1:0 --data-dir "$work/$name" --log-level warn >"$work/$name.log" 2>&1 &
     pid=$!
     for _ in $(seq 50); do grep -q "mqtt listening" "$work/$name.log" && break; sleep 0.1; done
     timeout 300 "${pin_load[@]}" "$ferry" bench pubsub --port "$port" --count "$count" --qos 1 $flag --json \

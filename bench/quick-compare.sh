@@ -92,7 +92,7 @@ start_broker() {
     local broker=$1 port=$2
     case $broker in
         ferry)
-            "${PIN_BROKER[@]}" "$FERRY" serve --listen "127.0.0.1:$port" --api-listen 127.0.0.1:0 --data-dir "$WORK/ferry-data" --log-level warn \
+            "${PIN_BROKER[@]}" "$FERRY" serve --listen "127.0.0.1:$port" --api-listen 127.0.0.1:0 --queue-listen 127.0.0.1:0 --data-dir "$WORK/ferry-data" --log-level warn \
                 >"$WORK/ferry.log" 2>&1 &
             ;;
         mosquitto)

@@ -276,7 +276,8 @@ class FerryBroker(Broker):
 
     def command(self) -> list[str]:
         return [str(self.binary), "serve", "--listen", f"{HOST}:{self.port}",
-                "--api-listen", f"{HOST}:{self.api_port}", "--data-dir", str(self.data_dir),
+                "--api-listen", f"{HOST}:{self.api_port}", "--queue-listen", f"{HOST}:0",
+                "--data-dir", str(self.data_dir),
                 "--log-level", "warn", *self.extra_args]
 
     def _spawn(self) -> subprocess.Popen:

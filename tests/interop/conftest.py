@@ -114,6 +114,7 @@ def _start_ferry(workdir: Path) -> BrokerProcess:
         pytest.fail(f"Ferry binary not found at {binary}; build it (cargo build) or set FERRY_BIN",
                     pytrace=False)
     cmd = [str(binary), "serve", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0",
+           "--queue-listen", "127.0.0.1:0",
            "--data-dir", str(workdir / "ferry-data"), "--log-level", "warn"]
     if os.environ.get("FERRY_CONFIG"):
         cmd += ["--config", os.environ["FERRY_CONFIG"]]

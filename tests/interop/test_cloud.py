@@ -67,7 +67,8 @@ class Ferry:
         self.data_dir = workdir / "data"
         self.log_path = workdir / "ferry.stderr.log"
         cmd = [str(self.binary), "serve", "--listen", "127.0.0.1:0",
-               "--api-listen", "127.0.0.1:0", "--data-dir", str(self.data_dir),
+               "--api-listen", "127.0.0.1:0", "--queue-listen", "127.0.0.1:0",
+               "--data-dir", str(self.data_dir),
                "--log-level", "warn"]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,

@@ -75,7 +75,8 @@ class Ferry:
         config.write_text(f'[[instances]]\nid = "{CLOUD}"\nname = "Cloud"\nprofile = "cloud"\n')
         self.log_path = workdir / "ferry.stderr.log"
         cmd = [str(binary), "serve", "--config", str(config), "--listen", "127.0.0.1:0",
-               "--api-listen", "127.0.0.1:0", "--data-dir", str(workdir / "data"),
+               "--api-listen", "127.0.0.1:0", "--queue-listen", "127.0.0.1:0",
+               "--data-dir", str(workdir / "data"),
                "--log-level", "warn"]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
