@@ -277,6 +277,36 @@ def test_outflow_messages_acknowledged_before_a_restart_are_delivered_after_it(f
         consumer = c.simple(queue_topic, group=group, new=False)
         got = receive_until(consumer, 20)
         assert sorted(m.body for m in got) == sorted(f"m{i}".encode() for i in range(20))
+        for m in got:
+            consumer.ack(m)
+        # The rule itself survived the restart.
+        c.paho(V311).connect().publish(f"{parent}/n", b"after", qos=1)
+        assert [m.body for m in receive_until(consumer, 1)] == [b"after"]
+    finally:
+        c.close()
+
+
+def test_status_events_of_connections_closed_by_a_restart_are_kept(fresh_ferry):
+    server = fresh_ferry
+    c = Clients(server)
+    try:
+        group = "GID_" + unique("rs").replace("-", "_")
+        server.ctl("groups", "create", group)
+        queue_topic = unique("Status")
+        rule(server, unique("status"), "status", group, queue_topic)
+        consumer_group = unique("g")
+        c.simple(queue_topic, group=consumer_group)
+        watcher = c.simple(queue_topic)
+        c.paho(V311, client_id=f"{group}@@@dev1").connect()
+        assert [m.tag for m in receive_until(watcher, 1)] == ["connect"]
+        server.restart()  # graceful: the broker closes the connection, then stops
+        c.close()
+        c = Clients(server)
+        consumer = c.simple(queue_topic, group=consumer_group, new=False)
+        got = receive_until(consumer, 2)
+        events = [(m.tag, json.loads(m.body)["channelId"]) for m in got]
+        assert [t for t, _ in events] == ["connect", "tcpclean"], events
+        assert events[0][1] == events[1][1]
     finally:
         c.close()
 

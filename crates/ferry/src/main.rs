@@ -275,6 +275,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         drop(queue);
         rules.stop();
         server.shutdown().await;
+        // The connections just closed reported their `tcpclean`: append them before the queue
+        // and the store stop.
+        if !rules.drain_status(std::time::Duration::from_secs(5)).await {
+            tracing::warn!("status events still unwritten at shutdown");
+        }
         Ok(())
     })
 }

@@ -91,6 +91,8 @@ pub struct Rules {
     inflow: Mutex<HashMap<(String, String), Running>>,
     remotes: Mutex<HashMap<RemoteKey, Arc<RemoteQueue>>>,
     stats: Arc<RuleStats>,
+    /// Status events taken from the channel and not yet appended.
+    status_busy: AtomicU64,
 }
 
 impl Rules {
@@ -108,6 +110,7 @@ impl Rules {
             inflow: Mutex::new(HashMap::new()),
             remotes: Mutex::new(HashMap::new()),
             stats: Arc::new(RuleStats::default()),
+            status_busy: AtomicU64::new(0),
         });
         rules.rebuild();
         rules
@@ -151,6 +154,24 @@ impl Rules {
     pub fn stop(&self) {
         for (_, (_, task)) in self.inflow.lock().expect("rules lock").drain() {
             task.abort();
+        }
+    }
+
+    /// Waits (at most `limit`) until every status event reported so far is appended: call it
+    /// after the broker shut down, so the `tcpclean` events of the connections it closed are
+    /// not lost. Returns whether everything was appended in time.
+    pub async fn drain_status(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let idle = self.status_tx.capacity() == self.status_tx.max_capacity()
+                && self.status_busy.load(Ordering::Acquire) == 0;
+            if idle {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -355,6 +376,8 @@ impl Hooks for Rules {
 async fn status_loop(rules: Arc<Rules>, mut rx: mpsc::Receiver<StatusEvent>) {
     let mut events = Vec::with_capacity(256);
     while rx.recv_many(&mut events, 256).await > 0 {
+        let taken = events.len() as u64;
+        rules.status_busy.fetch_add(taken, Ordering::AcqRel);
         let snap = rules.snapshot();
         let mut sends: Vec<(String, Arc<dyn QueueClient>, NewMessage)> = Vec::new();
         for e in events.drain(..) {
@@ -382,6 +405,7 @@ async fn status_loop(rules: Arc<Rules>, mut rx: mpsc::Receiver<StatusEvent>) {
                 }
             }
         }
+        rules.status_busy.fetch_sub(taken, Ordering::AcqRel);
     }
 }
 
