@@ -105,7 +105,7 @@ impl Client {
         };
         let mut properties = Properties::default();
         if opts.protocol.is_v5() {
-            properties.session_expiry_interval = opts.session_expiry;
+            properties.make_mut().session_expiry_interval = opts.session_expiry;
         }
         client.push(&Packet::Connect(Box::new(Connect {
             protocol: opts.protocol,

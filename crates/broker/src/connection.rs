@@ -10,7 +10,7 @@ use crate::router::RouterMsg;
 use crate::Shared;
 use bytes::BytesMut;
 use ferry_codec::{
-    decode, ByteStr, ConnAck, DecodeError, Disconnect, Packet, Properties, Protocol, PubAck, QoS,
+    decode, ByteStr, ConnAck, DecodeError, Disconnect, Packet, Protocol, PubAck, QoS,
     ReasonCode,
 };
 use ferry_core::conn::{Inbound, Violation};
@@ -491,10 +491,10 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
         if self.conn.protocol().is_v5() && self.conn.is_connected() {
             self.write(Packet::Disconnect(Disconnect {
                 code,
-                properties: Properties {
+                properties: ferry_codec::Props {
                     reason_string: Some(reason),
                     ..Default::default()
-                },
+                }.into(),
             }));
         }
     }

@@ -4,7 +4,7 @@
 use crate::instances::Instances;
 use crate::router::RouterMsg;
 use bytes::Bytes;
-use ferry_codec::{ByteStr, Properties, Protocol, QoS};
+use ferry_codec::{ByteStr, Protocol, QoS};
 use ferry_core::{Broker, Message};
 use ferry_meta::MetaError;
 use std::sync::Arc;
@@ -230,7 +230,7 @@ impl Control {
         self.run(instance, move |b, now| {
             let p2p_target = req.p2p_target;
             let online_only = req.online_only;
-            let properties = Properties {
+            let properties = ferry_codec::Props {
                 user_properties: req
                     .user_properties
                     .into_iter()
@@ -238,7 +238,7 @@ impl Control {
                     .collect(),
                 content_type: req.content_type.map(ByteStr::from),
                 ..Default::default()
-            };
+            }.into();
             let msg = Message {
                 topic: ByteStr::from(req.topic),
                 payload: req.payload,

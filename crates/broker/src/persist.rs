@@ -9,7 +9,7 @@
 //! - metadata: the documents of [`ferry_meta::MetaStore`], keyed by name.
 
 use bytes::{Buf, BufMut, Bytes};
-use ferry_codec::{ByteStr, Properties, QoS, RetainHandling, SubOptions};
+use ferry_codec::{ByteStr, QoS, RetainHandling, SubOptions};
 use ferry_core::persist::{MessageState, SessionRecord, StoreOp, StoredMessage};
 use ferry_core::session::Delivery;
 use ferry_core::{Message, Subscription};
@@ -215,7 +215,7 @@ fn decode_message(r: &mut Reader, clock: &Clock) -> Result<Message, StoreError> 
     let retain = r.u8()? != 0;
     let publisher = r.string()?;
     let expires = r.u64()?;
-    let mut properties = Properties::default();
+    let mut properties = ferry_codec::Props::default();
     let pfi = r.u8()?;
     properties.payload_format_indicator = (pfi != 0xff).then_some(pfi);
     properties.content_type = r.opt_string()?;
@@ -232,7 +232,7 @@ fn decode_message(r: &mut Reader, clock: &Clock) -> Result<Message, StoreError> 
         payload,
         qos,
         retain,
-        properties,
+        properties: properties.into(),
         expires_at: (expires != 0).then(|| clock.to_instant(expires)),
         publisher,
     })
@@ -733,13 +733,13 @@ mod tests {
             payload: Bytes::from_static(b"payload"),
             qos: QoS::ExactlyOnce,
             retain: true,
-            properties: Properties {
+            properties: ferry_codec::Props {
                 content_type: Some("text/plain".into()),
                 correlation_data: Some(Bytes::from_static(b"c")),
                 user_properties: vec![("k".into(), "v".into())],
                 payload_format_indicator: Some(1),
                 ..Default::default()
-            },
+            }.into(),
             expires_at: Some(clock.to_instant(clock.wall_ms + 5000)),
             publisher: "pub".into(),
         };

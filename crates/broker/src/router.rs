@@ -15,7 +15,7 @@
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::persist::Persistence;
-use ferry_codec::{Connect, Disconnect, Packet, Properties};
+use ferry_codec::{Connect, Disconnect, Packet};
 use ferry_core::offline::EvictRequest;
 use ferry_core::{Accepted, Broker, ClientGrant, ConnId, Output, Permissions, Stats};
 use ferry_store::StoreError;
@@ -631,10 +631,10 @@ impl Router {
                     if let Some(outbox) = self.outboxes.remove(&conn) {
                         outbox.close(Some(Disconnect {
                             code: e.reason_code(),
-                            properties: Properties {
+                            properties: ferry_codec::Props {
                                 reason_string: Some("the store could not write".into()),
                                 ..Default::default()
-                            },
+                            }.into(),
                         }));
                     }
                 }

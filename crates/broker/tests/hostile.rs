@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use ferry_codec::{Packet, Properties, Protocol, PubAck, QoS, ReasonCode};
+use ferry_codec::{Packet, Protocol, PubAck, QoS, ReasonCode};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -332,7 +332,7 @@ async fn topic_alias_abuse() {
     let with_alias = |topic: &str, alias: u16| {
         let mut p = publish(topic, QoS::AtMostOnce, 0, b"x");
         if let Packet::Publish(p) = &mut p {
-            p.properties.topic_alias = Some(alias);
+            p.properties.make_mut().topic_alias = Some(alias);
         }
         p
     };
@@ -887,10 +887,10 @@ async fn disconnect_respects_client_maximum_packet_size() {
     let connect = |id: &str| {
         let mut p = connect_packet(V5, id, 0);
         if let Packet::Connect(c) = &mut p {
-            c.properties = Properties {
+            c.properties = ferry_codec::Props {
                 maximum_packet_size: Some(CLIENT_MAX),
                 ..Default::default()
-            };
+            }.into();
         }
         p
     };

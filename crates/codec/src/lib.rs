@@ -28,7 +28,7 @@ pub use packet::{
     decode, peek_frame, Auth, ConnAck, Connect, Disconnect, Packet, PacketType, Protocol, PubAck,
     Publish, QoS, RetainHandling, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe, Will,
 };
-pub use properties::Properties;
+pub use properties::{Properties, Props};
 pub use reason::ReasonCode;
 
 /// The largest value a variable byte integer can hold (268,435,455): the protocol's upper bound

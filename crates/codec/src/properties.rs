@@ -63,10 +63,11 @@ fn allowed_in(id: u8) -> Option<u16> {
     })
 }
 
-/// The MQTT 5 properties of one packet. Absent properties are `None` / empty; what each means
-/// is in §3 of the specification under the packet that carries it.
+/// The MQTT 5 property values of one packet. Absent properties are `None` / empty; what each
+/// means is in §3 of the specification under the packet that carries it. Packets hold them as
+/// [`Properties`], which allocates only when there are any.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Properties {
+pub struct Props {
     pub payload_format_indicator: Option<u8>,
     pub message_expiry_interval: Option<u32>,
     pub content_type: Option<ByteStr>,
@@ -111,16 +112,112 @@ fn flag(value: u8, id: u8) -> Result<u8, DecodeError> {
     Ok(value)
 }
 
+/// No properties (what an empty [`Properties`] dereferences to).
+static NONE: Props = Props {
+    payload_format_indicator: None,
+    message_expiry_interval: None,
+    content_type: None,
+    response_topic: None,
+    correlation_data: None,
+    subscription_identifiers: Vec::new(),
+    session_expiry_interval: None,
+    assigned_client_identifier: None,
+    server_keep_alive: None,
+    authentication_method: None,
+    authentication_data: None,
+    request_problem_information: None,
+    will_delay_interval: None,
+    request_response_information: None,
+    response_information: None,
+    server_reference: None,
+    reason_string: None,
+    receive_maximum: None,
+    topic_alias_maximum: None,
+    topic_alias: None,
+    maximum_qos: None,
+    retain_available: None,
+    user_properties: Vec::new(),
+    maximum_packet_size: None,
+    wildcard_subscription_available: None,
+    subscription_identifier_available: None,
+    shared_subscription_available: None,
+};
+
+/// The properties of a packet: one pointer, and a heap allocation only when there are any
+/// (MQTT 3 packets and most MQTT 5 ones have none). Reading goes through `Deref` to [`Props`];
+/// writing through [`Properties::make_mut`] (allocates) or [`Properties::get_mut`] (only if
+/// present). Keeping packets small matters: every packet moves through channels and queues by
+/// value, and an inline property set made each PUBLISH and PUBACK ~400 bytes.
+#[derive(Clone, Default)]
+pub struct Properties(Option<Box<Props>>);
+
+impl std::ops::Deref for Properties {
+    type Target = Props;
+    fn deref(&self) -> &Props {
+        self.0.as_deref().unwrap_or(&NONE)
+    }
+}
+
+impl From<Props> for Properties {
+    fn from(p: Props) -> Properties {
+        if p.is_empty() {
+            Properties(None)
+        } else {
+            Properties(Some(Box::new(p)))
+        }
+    }
+}
+
+impl PartialEq for Properties {
+    fn eq(&self, other: &Properties) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Properties {}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 impl Properties {
+    /// Whether no property is present.
     pub fn is_empty(&self) -> bool {
-        *self == Properties::default()
+        self.0.as_deref().is_none_or(Props::is_empty)
+    }
+
+    /// The values, to change them (allocates the set if there was none).
+    pub fn make_mut(&mut self) -> &mut Props {
+        self.0.get_or_insert_with(Default::default)
+    }
+
+    /// The values, to change them, if there are any (never allocates).
+    pub fn get_mut(&mut self) -> Option<&mut Props> {
+        self.0.as_deref_mut()
+    }
+
+    /// The values, owned.
+    pub fn into_props(self) -> Props {
+        self.0.map(|b| *b).unwrap_or_default()
+    }
+
+    pub(crate) fn decode(r: &mut Reader, ctx: Context) -> Result<Properties, DecodeError> {
+        Props::decode(r, ctx).map(Properties::from)
+    }
+}
+
+impl Props {
+    pub fn is_empty(&self) -> bool {
+        *self == NONE
     }
 
     /// Reads a property length and the properties that follow it.
-    pub(crate) fn decode(r: &mut Reader, ctx: Context) -> Result<Properties, DecodeError> {
+    pub(crate) fn decode(r: &mut Reader, ctx: Context) -> Result<Props, DecodeError> {
         let len = r.varint("property length")? as usize;
         let mut r = Reader::new(r.take(len, "properties")?);
-        let mut p = Properties::default();
+        let mut p = Props::default();
         while !r.is_empty() {
             // Identifiers are variable byte integers, but every defined one fits in one byte.
             let id32 = r.varint("property identifier")?;

@@ -35,7 +35,8 @@ const AUTH: u16 = 1 << 15;
 
 /// Clears every property that `ctx` does not allow. Subscription identifiers may repeat only in
 /// PUBLISH.
-fn restrict(mut p: Properties, ctx: u16) -> Properties {
+fn restrict(p: Properties, ctx: u16) -> Properties {
+    let mut p = p.into_props();
     fn keep<T>(slot: &mut Option<T>, ctx: u16, allowed: u16) {
         if ctx & allowed == 0 {
             *slot = None;
@@ -82,7 +83,7 @@ fn restrict(mut p: Properties, ctx: u16) -> Properties {
     keep(&mut p.wildcard_subscription_available, ctx, CONNACK);
     keep(&mut p.subscription_identifier_available, ctx, CONNACK);
     keep(&mut p.shared_subscription_available, ctx, CONNACK);
-    p
+    p.into()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ fn any_properties() -> impl Strategy<Value = Properties> {
         opt(1..=u32::MAX),
     );
     let avail = (opt(flag()), opt(flag()), opt(flag()));
-    (message, session, misc, limits, avail).prop_map(|(m, s, x, l, a)| Properties {
+    (message, session, misc, limits, avail).prop_map(|(m, s, x, l, a)| ferry_codec::Props {
         payload_format_indicator: m.0,
         message_expiry_interval: m.1,
         content_type: m.2,
@@ -189,7 +190,7 @@ fn any_properties() -> impl Strategy<Value = Properties> {
         wildcard_subscription_available: a.0,
         subscription_identifier_available: a.1,
         shared_subscription_available: a.2,
-    })
+    }.into())
 }
 
 /// Properties valid in `ctx` for a v5 packet, none otherwise.
@@ -725,10 +726,10 @@ fn known_frames() {
             Protocol::V5,
             Packet::Publish(Publish {
                 topic: "t".into(),
-                properties: Properties {
+                properties: ferry_codec::Props {
                     topic_alias: Some(3),
-                    ..Properties::default()
-                },
+                    ..Default::default()
+                }.into(),
                 ..Publish::default()
             }),
             &[0x30, 0x07, 0x00, 0x01, b't', 0x03, 0x23, 0x00, 0x03],
@@ -859,10 +860,10 @@ fn a_string_longer_than_65535_bytes_is_refused() {
     assert_refused(
         Packet::Publish(Publish {
             topic: "t".into(),
-            properties: Properties {
+            properties: ferry_codec::Props {
                 user_properties: vec![("k".into(), long.clone())],
-                ..Properties::default()
-            },
+                ..Default::default()
+            }.into(),
             ..Publish::default()
         }),
         Protocol::V5,
@@ -881,10 +882,10 @@ fn a_string_longer_than_65535_bytes_is_refused() {
 
 #[test]
 fn a_subscription_identifier_above_the_varint_range_is_refused() {
-    let props = Properties {
+    let props: Properties = ferry_codec::Props {
         subscription_identifiers: vec![MAX_VARINT + 1],
-        ..Properties::default()
-    };
+        ..Default::default()
+    }.into();
     assert_refused(
         Packet::Publish(Publish {
             topic: "t".into(),
@@ -898,10 +899,10 @@ fn a_subscription_identifier_above_the_varint_range_is_refused() {
     let packet = Packet::Subscribe(Subscribe {
         packet_id: 1,
         filters: vec![("a".into(), SubOptions::default())],
-        properties: Properties {
+        properties: ferry_codec::Props {
             subscription_identifiers: vec![MAX_VARINT],
-            ..Properties::default()
-        },
+            ..Default::default()
+        }.into(),
     });
     let mut buf = encode(&packet, Protocol::V5);
     assert_eq!(buf.len(), packet.encoded_len(Protocol::V5));

@@ -204,10 +204,10 @@ pub struct Broker {
 fn v5_disconnect(code: ReasonCode, reason: Option<&str>) -> Disconnect {
     Disconnect {
         code,
-        properties: Properties {
+        properties: ferry_codec::Props {
             reason_string: reason.map(ByteStr::from),
             ..Default::default()
-        },
+        }.into(),
     }
 }
 
@@ -361,7 +361,7 @@ impl Broker {
                 properties: Properties::default(),
             };
             if v5 {
-                ack.properties.reason_string = Some(reason.into());
+                ack.properties.make_mut().reason_string = Some(reason.into());
             }
             b.send(conn, Packet::ConnAck(ack));
             b.out.push(Output::Close {
@@ -487,8 +487,13 @@ impl Broker {
 
         let will = connect.will.as_ref().map(|w| {
             let mut props = w.properties.clone();
-            let delay = props.will_delay_interval.take().unwrap_or(0);
-            let expiry_interval = props.message_expiry_interval.take();
+            let (delay, expiry_interval) = match props.get_mut() {
+                Some(p) => (
+                    p.will_delay_interval.take().unwrap_or(0),
+                    p.message_expiry_interval.take(),
+                ),
+                None => (0, None),
+            };
             let msg = Message::from_publish(
                 Publish {
                     dup: false,
@@ -540,7 +545,7 @@ impl Broker {
             properties: Properties::default(),
         };
         if v5 {
-            let p = &mut ack.properties;
+            let p = ack.properties.make_mut();
             p.assigned_client_identifier = assigned;
             p.server_keep_alive = server_keep_alive;
             if expiry != requested_expiry {
@@ -1917,9 +1922,14 @@ pub fn p2p_target(topic: &str) -> Option<&str> {
 /// The PUBLISH for one delivery (packet id filled in by the caller for QoS 1/2).
 fn build_publish(d: &Delivery, protocol: Protocol, now: Instant) -> Publish {
     let properties = if protocol.is_v5() {
+        // Shares nothing but allocates only when there is something to say.
         let mut p = d.msg.properties.clone();
-        p.message_expiry_interval = d.msg.remaining_expiry(now);
-        p.subscription_identifiers = d.sub_ids.clone();
+        if let Some(expiry) = d.msg.remaining_expiry(now) {
+            p.make_mut().message_expiry_interval = Some(expiry);
+        }
+        if !d.sub_ids.is_empty() {
+            p.make_mut().subscription_identifiers = d.sub_ids.clone();
+        }
         p
     } else {
         Properties::default()

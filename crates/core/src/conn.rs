@@ -128,7 +128,7 @@ impl Connection {
     fn on_session_packet(&mut self, packet: Packet) -> Result<Inbound, Violation> {
         match packet {
             Packet::Publish(mut p) => {
-                if let Some(alias) = p.properties.topic_alias.take() {
+                if let Some(alias) = p.properties.get_mut().and_then(|p| p.topic_alias.take()) {
                     if alias == 0 || alias > self.alias_in_max {
                         return Err(violation(
                             ReasonCode::TOPIC_ALIAS_INVALID,
@@ -197,18 +197,20 @@ impl Connection {
         match packet {
             Packet::Publish(p) if self.alias_out_max > 0 => {
                 if let Some(&alias) = self.alias_out.get(&p.topic) {
-                    p.properties.topic_alias = Some(alias);
+                    p.properties.make_mut().topic_alias = Some(alias);
                     p.topic = ByteStr::new();
                 } else if self.alias_out.len() < usize::from(self.alias_out_max) {
                     let alias = self.alias_out.len() as u16 + 1;
-                    p.properties.topic_alias = Some(alias);
+                    p.properties.make_mut().topic_alias = Some(alias);
                     if self.fits(packet) {
                         let Packet::Publish(p) = packet else {
                             unreachable!()
                         };
                         self.alias_out.insert(p.topic.clone(), alias);
                     } else if let Packet::Publish(p) = packet {
-                        p.properties.topic_alias = None;
+                        if let Some(props) = p.properties.get_mut() {
+                            props.topic_alias = None;
+                        }
                     }
                 }
                 return;
@@ -252,8 +254,10 @@ impl Connection {
             Packet::Disconnect(d) => &mut d.properties,
             _ => return,
         };
-        properties.reason_string = None;
-        properties.user_properties.clear();
+        if let Some(p) = properties.get_mut() {
+            p.reason_string = None;
+            p.user_properties.clear();
+        }
     }
 
     /// When [`Connection::handle_timeout`] must next run.

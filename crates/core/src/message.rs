@@ -40,12 +40,19 @@ impl Message {
     /// Builds a message from a received PUBLISH whose topic alias has been resolved.
     pub fn from_publish(publish: Publish, publisher: ByteStr, now: Instant) -> Message {
         let mut properties = publish.properties;
-        let expires_at = properties
-            .message_expiry_interval
-            .take()
-            .map(|secs| now + Duration::from_secs(u64::from(secs)));
-        properties.topic_alias = None;
-        properties.subscription_identifiers.clear();
+        let mut expires_at = None;
+        if let Some(p) = properties.get_mut() {
+            expires_at = p
+                .message_expiry_interval
+                .take()
+                .map(|secs| now + Duration::from_secs(u64::from(secs)));
+            p.topic_alias = None;
+            p.subscription_identifiers.clear();
+        }
+        if properties.is_empty() {
+            // Nothing left to pass on: do not keep an empty allocation per message.
+            properties = Properties::default();
+        }
         Message {
             topic: publish.topic,
             payload: publish.payload,

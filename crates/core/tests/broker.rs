@@ -128,12 +128,12 @@ fn v5_connack_advertises_limits() {
             packet: Packet::ConnAck(ConnAck {
                 session_present: false,
                 code: ReasonCode::SUCCESS,
-                properties: Properties {
+                properties: ferry_codec::Props {
                     receive_maximum: Some(10),
                     maximum_packet_size: Some(5000),
                     topic_alias_maximum: Some(7),
-                    ..Properties::default()
-                },
+                    ..Default::default()
+                }.into(),
             }),
         }]
     );
@@ -329,7 +329,7 @@ fn enhanced_authentication_is_refused() {
     let t0 = Instant::now();
     let mut b = broker();
     let mut c = v5("c");
-    c.properties.authentication_method = Some("SCRAM-SHA-1".into());
+    c.properties.make_mut().authentication_method = Some("SCRAM-SHA-1".into());
     assert_eq!(b.connect(1, c, t0), None);
     let out = drain(&mut b);
     let [Output::Send {
@@ -460,7 +460,7 @@ fn qos2_outbound_flow() {
     let mut b = broker();
     let mut c = v5("sub");
     // A window of one shows when the slot is freed.
-    c.properties.receive_maximum = Some(1);
+    c.properties.make_mut().receive_maximum = Some(1);
     subscriber(&mut b, 1, c, "t", QoS::ExactlyOnce, t0);
     online(&mut b, 2, v5("pub"), t0);
     b.handle(2, pub_packet("t", "a", QoS::ExactlyOnce, 1), t0);
@@ -612,7 +612,7 @@ fn client_receive_maximum_limits_messages_in_flight() {
     let t0 = Instant::now();
     let mut b = broker();
     let mut c = v5("sub");
-    c.properties.receive_maximum = Some(2);
+    c.properties.make_mut().receive_maximum = Some(2);
     subscriber(&mut b, 1, c, "t", QoS::AtLeastOnce, t0);
     online(&mut b, 2, v5("pub"), t0);
     for (i, payload) in ["m1", "m2", "m3"].into_iter().enumerate() {
@@ -674,7 +674,7 @@ fn packet_ids_stay_unique_and_non_zero_across_wrap_around() {
     let t0 = Instant::now();
     let mut b = broker();
     let mut c = v5("sub");
-    c.properties.receive_maximum = Some(2);
+    c.properties.make_mut().receive_maximum = Some(2);
     subscriber(&mut b, 1, c, "t", QoS::AtLeastOnce, t0);
     online(&mut b, 2, v5("pub"), t0);
     // The first message stays unacknowledged for the whole test.
@@ -1002,7 +1002,7 @@ fn v5_disconnect_can_shorten_session_expiry_to_zero() {
         t0,
     );
     let mut d = Disconnect::default();
-    d.properties.session_expiry_interval = Some(0);
+    d.properties.make_mut().session_expiry_interval = Some(0);
     b.handle(1, Packet::Disconnect(d), at(t0, 1));
     assert_eq!(closes(&drain(&mut b)), vec![(1, None)]);
     assert_eq!(b.session_count(), 0);
@@ -1021,7 +1021,7 @@ fn v5_disconnect_can_change_a_nonzero_session_expiry() {
         t0,
     );
     let mut d = Disconnect::default();
-    d.properties.session_expiry_interval = Some(5);
+    d.properties.make_mut().session_expiry_interval = Some(5);
     b.handle(1, Packet::Disconnect(d), at(t0, 10));
     drain(&mut b);
     assert_eq!(b.poll_timeout(), Some(at(t0, 15)));
@@ -1038,7 +1038,7 @@ fn will_watcher(b: &mut Broker, t0: Instant) {
 
 fn with_will(mut c: ferry_codec::Connect, delay: Option<u32>) -> ferry_codec::Connect {
     let mut w = will("will/c", "gone", QoS::AtLeastOnce);
-    w.properties.will_delay_interval = delay;
+    w.properties.make_mut().will_delay_interval = delay;
     c.will = Some(w);
     c
 }
@@ -1127,19 +1127,19 @@ fn will_properties_pass_through_without_the_delay() {
     will_watcher(&mut b, t0);
     let mut c = with_will(v5_persistent("c", 100), Some(0));
     let w = c.will.as_mut().unwrap();
-    w.properties.content_type = Some("text/plain".into());
-    w.properties.user_properties = vec![("k".into(), "v".into())];
+    w.properties.make_mut().content_type = Some("text/plain".into());
+    w.properties.make_mut().user_properties = vec![("k".into(), "v".into())];
     online(&mut b, 1, c, t0);
     b.connection_lost(1, at(t0, 1));
     let p = publishes_to(&drain(&mut b), 9);
     assert_eq!(p.len(), 1);
     assert_eq!(
         p[0].properties,
-        Properties {
+        ferry_codec::Props {
             content_type: Some("text/plain".into()),
             user_properties: vec![("k".into(), "v".into())],
-            ..Properties::default()
-        }
+            ..Default::default()
+        }.into()
     );
 }
 
@@ -1170,7 +1170,7 @@ fn will_message_expiry_counts_from_publication() {
     let mut b = broker();
     will_watcher(&mut b, t0);
     let mut c = with_will(v5("c"), None);
-    c.will.as_mut().unwrap().properties.message_expiry_interval = Some(30);
+    c.will.as_mut().unwrap().properties.make_mut().message_expiry_interval = Some(30);
     online(&mut b, 1, c, t0);
     b.connection_lost(1, at(t0, 100));
     let p = publishes_to(&drain(&mut b), 9);
@@ -1564,9 +1564,9 @@ fn expired_queued_message_is_not_delivered_on_reconnect() {
     b.connection_lost(1, at(t0, 1));
     online(&mut b, 2, v5("pub"), t0);
     let mut short = publish("t", "short", QoS::AtLeastOnce, 1);
-    short.properties.message_expiry_interval = Some(10);
+    short.properties.make_mut().message_expiry_interval = Some(10);
     let mut long = publish("t", "long", QoS::AtLeastOnce, 2);
-    long.properties.message_expiry_interval = Some(100);
+    long.properties.make_mut().message_expiry_interval = Some(100);
     b.handle(2, Packet::Publish(short), at(t0, 5));
     b.handle(2, Packet::Publish(long), at(t0, 5));
     drain(&mut b);
@@ -1593,7 +1593,7 @@ fn delivered_message_carries_the_remaining_expiry_interval() {
     online(&mut b, 2, v5("pub"), t0);
     let mut p = publish("t", "x", QoS::AtMostOnce, 0);
     p.retain = true;
-    p.properties.message_expiry_interval = Some(60);
+    p.properties.make_mut().message_expiry_interval = Some(60);
     b.handle(2, Packet::Publish(p), t0);
     let out = drain(&mut b);
     assert_eq!(
@@ -1731,7 +1731,7 @@ fn application_properties_pass_through_to_v5_subscribers() {
     subscriber(&mut b, 1, v5("sub5"), "req", QoS::AtMostOnce, t0);
     subscriber(&mut b, 2, v3("sub3", true), "req", QoS::AtMostOnce, t0);
     online(&mut b, 3, v5("pub"), t0);
-    let props = Properties {
+    let props: ferry_codec::Properties = ferry_codec::Props {
         payload_format_indicator: Some(1),
         content_type: Some("application/json".into()),
         response_topic: Some("resp/1".into()),
@@ -1741,12 +1741,12 @@ fn application_properties_pass_through_to_v5_subscribers() {
             ("b".into(), "2".into()),
             ("a".into(), "3".into()),
         ],
-        ..Properties::default()
-    };
+        ..Default::default()
+    }.into();
     let mut p = publish("req", "{}", QoS::AtMostOnce, 0);
     p.properties = props.clone();
     // A resolved inbound alias must not leak to subscribers.
-    p.properties.topic_alias = Some(3);
+    p.properties.make_mut().topic_alias = Some(3);
     b.handle(3, Packet::Publish(p), t0);
     let out = drain(&mut b);
     assert_eq!(publishes_to(&out, 1)[0].properties, props);
@@ -1916,7 +1916,7 @@ fn message_larger_than_the_clients_maximum_packet_size_is_not_sent() {
     let t0 = Instant::now();
     let mut b = broker();
     let mut c = v5("small");
-    c.properties.maximum_packet_size = Some(64);
+    c.properties.make_mut().maximum_packet_size = Some(64);
     subscriber(&mut b, 1, c, "t", QoS::AtLeastOnce, t0);
     online(&mut b, 2, v5("pub"), t0);
 
@@ -1990,7 +1990,7 @@ fn retransmission_on_resume_respects_the_new_maximum_packet_size() {
     b.connection_lost(1, at(t0, 1));
 
     let mut small = v5_persistent("sub", 3600);
-    small.properties.maximum_packet_size = Some(64);
+    small.properties.make_mut().maximum_packet_size = Some(64);
     let (ack, rest) = online(&mut b, 3, small, at(t0, 2));
     assert!(ack.session_present);
     for o in &rest {
@@ -2041,7 +2041,7 @@ fn online_queue_beyond_the_window_is_limited_too() {
         ..Limits::default()
     });
     let mut c = v5("sub");
-    c.properties.receive_maximum = Some(1);
+    c.properties.make_mut().receive_maximum = Some(1);
     subscriber(&mut b, 1, c, "t", QoS::AtLeastOnce, t0);
     online(&mut b, 2, v5("pub"), t0);
     for i in 1..=5u16 {
@@ -2278,7 +2278,7 @@ fn no_reason_string_when_problem_information_is_not_requested() {
     let t0 = Instant::now();
     let mut b = broker();
     let mut c = v5("c");
-    c.properties.request_problem_information = Some(0);
+    c.properties.make_mut().request_problem_information = Some(0);
     online(&mut b, 1, c, t0);
     b.handle(1, pub_packet("a/+", "x", QoS::AtMostOnce, 0), t0);
     let out = drain(&mut b);
@@ -2344,7 +2344,7 @@ fn disconnect_raising_session_expiry_from_0_is_a_protocol_error() {
     will_watcher(&mut b, t0);
     online(&mut b, 1, with_will(v5("c"), None), t0);
     let mut d = Disconnect::default();
-    d.properties.session_expiry_interval = Some(100);
+    d.properties.make_mut().session_expiry_interval = Some(100);
     b.handle(1, Packet::Disconnect(d), at(t0, 1));
     let out = drain(&mut b);
     let c = closes(&out);

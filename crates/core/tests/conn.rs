@@ -50,7 +50,7 @@ fn forwarded_publish(r: Result<Inbound, Violation>) -> Publish {
 
 fn aliased(topic: &str, alias: u16) -> Packet {
     let mut p = publish(topic, "x", QoS::AtMostOnce, 0);
-    p.properties.topic_alias = Some(alias);
+    p.properties.make_mut().topic_alias = Some(alias);
     Packet::Publish(p)
 }
 
@@ -423,7 +423,7 @@ fn retransmission_with_the_same_id_takes_no_extra_slot() {
 
 fn with_alias_max(max: u16) -> ferry_codec::Connect {
     let mut c = v5("c");
-    c.properties.topic_alias_maximum = Some(max);
+    c.properties.make_mut().topic_alias_maximum = Some(max);
     c
 }
 
@@ -502,7 +502,7 @@ fn outbound_alias_never_pushes_a_publish_over_the_clients_maximum_packet_size() 
     const MAX: usize = 64;
     let mut b = broker();
     let mut connect = with_alias_max(10);
-    connect.properties.maximum_packet_size = Some(MAX as u32);
+    connect.properties.make_mut().maximum_packet_size = Some(MAX as u32);
     let mut c = conn(t0);
     let Ok(Inbound::Connect(connect)) = c.on_packet(Packet::Connect(Box::new(connect)), t0) else {
         panic!()
@@ -580,9 +580,9 @@ fn runtime_loop_resolves_aliases_and_delivers() {
     drain(&mut b);
 
     let mut first = publish("s/long/topic", "1", QoS::AtLeastOnce, 1);
-    first.properties.topic_alias = Some(2);
+    first.properties.make_mut().topic_alias = Some(2);
     let mut second = publish("", "2", QoS::AtLeastOnce, 2);
-    second.properties.topic_alias = Some(2);
+    second.properties.make_mut().topic_alias = Some(2);
     for p in [first, second] {
         b.handle(2, forwarded(pc.on_packet(Packet::Publish(p), t0)), t0);
     }

@@ -197,7 +197,7 @@ pub const INFLOW_INVISIBLE: Duration = Duration::from_secs(60);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_codec::{ByteStr, Properties, QoS};
+    use ferry_codec::{ByteStr, QoS};
     use std::sync::Arc;
 
     fn queued(props: &[(&str, &str)]) -> Message {
@@ -285,11 +285,11 @@ mod tests {
             payload: Bytes::from_static(b"data"),
             qos: QoS::AtLeastOnce,
             retain: false,
-            properties: Properties {
+            properties: ferry_codec::Props {
                 user_properties: vec![(ByteStr::from("a"), ByteStr::from("b"))],
                 content_type: Some("application/json".into()),
                 ..Default::default()
-            },
+            }.into(),
             expires_at: None,
             publisher: "GID_x@@@dev1".into(),
         };

@@ -53,7 +53,7 @@ pub fn v5(client_id: &str) -> Connect {
 pub fn v5_persistent(client_id: &str, session_expiry: u32) -> Connect {
     let mut c = v5(client_id);
     c.clean_start = false;
-    c.properties.session_expiry_interval = Some(session_expiry);
+    c.properties.make_mut().session_expiry_interval = Some(session_expiry);
     c
 }
 
@@ -122,7 +122,7 @@ pub fn subscribe(packet_id: u16, filter: &str, qos: QoS) -> Packet {
 
 pub fn subscribe_with(packet_id: u16, filters: &[(&str, SubOptions)], id: Option<u32>) -> Packet {
     let mut properties = Properties::default();
-    properties.subscription_identifiers.extend(id);
+    properties.make_mut().subscription_identifiers.extend(id);
     Packet::Subscribe(Subscribe {
         packet_id,
         filters: filters.iter().map(|(f, o)| ((*f).into(), *o)).collect(),
