@@ -10,8 +10,7 @@ use crate::router::RouterMsg;
 use crate::Shared;
 use bytes::BytesMut;
 use ferry_codec::{
-    decode, ByteStr, ConnAck, DecodeError, Disconnect, Packet, Protocol, PubAck, QoS,
-    ReasonCode,
+    decode, ByteStr, ConnAck, DecodeError, Disconnect, Packet, Protocol, PubAck, QoS, ReasonCode,
 };
 use ferry_core::conn::{Inbound, Violation};
 use ferry_core::{ClientGrant, ConnId, Connection, Permissions};
@@ -494,7 +493,8 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
                 properties: ferry_codec::Props {
                     reason_string: Some(reason),
                     ..Default::default()
-                }.into(),
+                }
+                .into(),
             }));
         }
     }

@@ -238,7 +238,8 @@ impl Control {
                     .collect(),
                 content_type: req.content_type.map(ByteStr::from),
                 ..Default::default()
-            }.into();
+            }
+            .into();
             let msg = Message {
                 topic: ByteStr::from(req.topic),
                 payload: req.payload,

@@ -739,7 +739,8 @@ mod tests {
                 user_properties: vec![("k".into(), "v".into())],
                 payload_format_indicator: Some(1),
                 ..Default::default()
-            }.into(),
+            }
+            .into(),
             expires_at: Some(clock.to_instant(clock.wall_ms + 5000)),
             publisher: "pub".into(),
         };

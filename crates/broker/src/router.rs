@@ -634,7 +634,8 @@ impl Router {
                             properties: ferry_codec::Props {
                                 reason_string: Some("the store could not write".into()),
                                 ..Default::default()
-                            }.into(),
+                            }
+                            .into(),
                         }));
                     }
                 }

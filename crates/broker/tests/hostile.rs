@@ -890,7 +890,8 @@ async fn disconnect_respects_client_maximum_packet_size() {
             c.properties = ferry_codec::Props {
                 maximum_packet_size: Some(CLIENT_MAX),
                 ..Default::default()
-            }.into();
+            }
+            .into();
         }
         p
     };

@@ -451,3 +451,30 @@ fn put_bin(buf: &mut BytesMut, id: u8, v: &Option<Bytes>) -> Result<(), EncodeEr
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod size_tests {
+    use crate::{Packet, PubAck, Publish};
+
+    /// Packets move by value through channels and queues; an inline property set once made
+    /// each of them ~400 bytes.
+    #[test]
+    fn packets_stay_small() {
+        assert_eq!(std::mem::size_of::<super::Properties>(), 8);
+        assert!(
+            std::mem::size_of::<Publish>() <= 96,
+            "{}",
+            std::mem::size_of::<Publish>()
+        );
+        assert!(
+            std::mem::size_of::<PubAck>() <= 24,
+            "{}",
+            std::mem::size_of::<PubAck>()
+        );
+        assert!(
+            std::mem::size_of::<Packet>() <= 104,
+            "{}",
+            std::mem::size_of::<Packet>()
+        );
+    }
+}

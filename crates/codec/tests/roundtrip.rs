@@ -162,35 +162,38 @@ fn any_properties() -> impl Strategy<Value = Properties> {
         opt(1..=u32::MAX),
     );
     let avail = (opt(flag()), opt(flag()), opt(flag()));
-    (message, session, misc, limits, avail).prop_map(|(m, s, x, l, a)| ferry_codec::Props {
-        payload_format_indicator: m.0,
-        message_expiry_interval: m.1,
-        content_type: m.2,
-        response_topic: m.3,
-        correlation_data: m.4,
-        subscription_identifiers: m.5,
-        session_expiry_interval: s.0,
-        assigned_client_identifier: s.1,
-        server_keep_alive: s.2,
-        authentication_method: s.3,
-        authentication_data: s.4,
-        request_problem_information: s.5,
-        will_delay_interval: x.0,
-        request_response_information: x.1,
-        response_information: x.2,
-        server_reference: x.3,
-        reason_string: x.4,
-        receive_maximum: x.5,
-        topic_alias_maximum: l.0,
-        topic_alias: l.1,
-        maximum_qos: l.2,
-        retain_available: l.3,
-        user_properties: l.4,
-        maximum_packet_size: l.5,
-        wildcard_subscription_available: a.0,
-        subscription_identifier_available: a.1,
-        shared_subscription_available: a.2,
-    }.into())
+    (message, session, misc, limits, avail).prop_map(|(m, s, x, l, a)| {
+        ferry_codec::Props {
+            payload_format_indicator: m.0,
+            message_expiry_interval: m.1,
+            content_type: m.2,
+            response_topic: m.3,
+            correlation_data: m.4,
+            subscription_identifiers: m.5,
+            session_expiry_interval: s.0,
+            assigned_client_identifier: s.1,
+            server_keep_alive: s.2,
+            authentication_method: s.3,
+            authentication_data: s.4,
+            request_problem_information: s.5,
+            will_delay_interval: x.0,
+            request_response_information: x.1,
+            response_information: x.2,
+            server_reference: x.3,
+            reason_string: x.4,
+            receive_maximum: x.5,
+            topic_alias_maximum: l.0,
+            topic_alias: l.1,
+            maximum_qos: l.2,
+            retain_available: l.3,
+            user_properties: l.4,
+            maximum_packet_size: l.5,
+            wildcard_subscription_available: a.0,
+            subscription_identifier_available: a.1,
+            shared_subscription_available: a.2,
+        }
+        .into()
+    })
 }
 
 /// Properties valid in `ctx` for a v5 packet, none otherwise.
@@ -729,7 +732,8 @@ fn known_frames() {
                 properties: ferry_codec::Props {
                     topic_alias: Some(3),
                     ..Default::default()
-                }.into(),
+                }
+                .into(),
                 ..Publish::default()
             }),
             &[0x30, 0x07, 0x00, 0x01, b't', 0x03, 0x23, 0x00, 0x03],
@@ -863,7 +867,8 @@ fn a_string_longer_than_65535_bytes_is_refused() {
             properties: ferry_codec::Props {
                 user_properties: vec![("k".into(), long.clone())],
                 ..Default::default()
-            }.into(),
+            }
+            .into(),
             ..Publish::default()
         }),
         Protocol::V5,
@@ -885,7 +890,8 @@ fn a_subscription_identifier_above_the_varint_range_is_refused() {
     let props: Properties = ferry_codec::Props {
         subscription_identifiers: vec![MAX_VARINT + 1],
         ..Default::default()
-    }.into();
+    }
+    .into();
     assert_refused(
         Packet::Publish(Publish {
             topic: "t".into(),
@@ -902,7 +908,8 @@ fn a_subscription_identifier_above_the_varint_range_is_refused() {
         properties: ferry_codec::Props {
             subscription_identifiers: vec![MAX_VARINT],
             ..Default::default()
-        }.into(),
+        }
+        .into(),
     });
     let mut buf = encode(&packet, Protocol::V5);
     assert_eq!(buf.len(), packet.encoded_len(Protocol::V5));

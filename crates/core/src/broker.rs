@@ -207,7 +207,8 @@ fn v5_disconnect(code: ReasonCode, reason: Option<&str>) -> Disconnect {
         properties: ferry_codec::Props {
             reason_string: reason.map(ByteStr::from),
             ..Default::default()
-        }.into(),
+        }
+        .into(),
     }
 }
 

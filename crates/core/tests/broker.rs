@@ -133,7 +133,8 @@ fn v5_connack_advertises_limits() {
                     maximum_packet_size: Some(5000),
                     topic_alias_maximum: Some(7),
                     ..Default::default()
-                }.into(),
+                }
+                .into(),
             }),
         }]
     );
@@ -1139,7 +1140,8 @@ fn will_properties_pass_through_without_the_delay() {
             content_type: Some("text/plain".into()),
             user_properties: vec![("k".into(), "v".into())],
             ..Default::default()
-        }.into()
+        }
+        .into()
     );
 }
 
@@ -1170,7 +1172,12 @@ fn will_message_expiry_counts_from_publication() {
     let mut b = broker();
     will_watcher(&mut b, t0);
     let mut c = with_will(v5("c"), None);
-    c.will.as_mut().unwrap().properties.make_mut().message_expiry_interval = Some(30);
+    c.will
+        .as_mut()
+        .unwrap()
+        .properties
+        .make_mut()
+        .message_expiry_interval = Some(30);
     online(&mut b, 1, c, t0);
     b.connection_lost(1, at(t0, 100));
     let p = publishes_to(&drain(&mut b), 9);
@@ -1742,7 +1749,8 @@ fn application_properties_pass_through_to_v5_subscribers() {
             ("a".into(), "3".into()),
         ],
         ..Default::default()
-    }.into();
+    }
+    .into();
     let mut p = publish("req", "{}", QoS::AtMostOnce, 0);
     p.properties = props.clone();
     // A resolved inbound alias must not leak to subscribers.

@@ -289,7 +289,8 @@ mod tests {
                 user_properties: vec![(ByteStr::from("a"), ByteStr::from("b"))],
                 content_type: Some("application/json".into()),
                 ..Default::default()
-            }.into(),
+            }
+            .into(),
             expires_at: None,
             publisher: "GID_x@@@dev1".into(),
         };
