@@ -16,10 +16,11 @@ use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::persist::Persistence;
 use ferry_codec::{Connect, Disconnect, Packet};
+use ferry_core::hash::HashMap;
 use ferry_core::offline::EvictRequest;
 use ferry_core::{Accepted, Broker, ClientGrant, ConnId, Output, Permissions, Stats};
 use ferry_store::StoreError;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -132,13 +133,13 @@ pub async fn run(
 ) {
     let (commit_tx, mut commit_rx) = mpsc::channel::<Commit>(1024);
     let mut r = Router {
-        outboxes: HashMap::new(),
+        outboxes: HashMap::default(),
         metrics,
         seen: Seen::default(),
         store,
         commit_tx,
         held: VecDeque::new(),
-        held_conns: HashMap::new(),
+        held_conns: HashMap::default(),
         next_batch: 1,
         submitted: 0,
         committed: 0,
@@ -552,7 +553,7 @@ impl Router {
         if stale.is_empty() {
             return;
         }
-        let mut per_client: HashMap<&str, u64> = HashMap::new();
+        let mut per_client: HashMap<&str, u64> = HashMap::default();
         for op in &stale {
             if let Some(client) = link.persistence.message_client(&link.instance, op.key()) {
                 *per_client.entry(client).or_default() += 1;

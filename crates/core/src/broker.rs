@@ -9,6 +9,7 @@
 //! receive maximum) lives in [`crate::conn::Connection`], next to the socket.
 
 use crate::acl::{Acl, Action, Permissions, TopicPolicy};
+use crate::hash::{HashMap, HashSet};
 use crate::message::{Message, Outflow, SharedMessage};
 use crate::offline::{EvictRequest, OfflineIndex};
 use crate::persist::{LoadRequest, MessageState, SessionRecord, StoreOp, StoredMessage};
@@ -23,7 +24,7 @@ use ferry_codec::{
     ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -237,13 +238,13 @@ impl Broker {
             loads: Vec::new(),
             evictions: Vec::new(),
             offline: OfflineIndex::default(),
-            outflow_parents: HashSet::new(),
+            outflow_parents: HashSet::default(),
             outflow: Vec::new(),
             seq_clock: 1,
             sessions,
             retained,
             subscriptions: SubscriptionTree::new(),
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             timers: BinaryHeap::new(),
             out: Vec::new(),
             next_session: 1,

@@ -3,8 +3,8 @@
 //! timeout, keep-alive (1.5 × the interval), topic aliases in both directions and the inbound
 //! receive maximum — and answers PINGREQ itself.
 
+use crate::hash::HashMap;
 use ferry_codec::{ByteStr, Connect, Packet, Protocol, QoS, ReasonCode};
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Why the connection must close; `code` is sent in a v5 DISCONNECT (or CONNACK before the
@@ -76,11 +76,11 @@ impl Connection {
             last_received: now,
             max_packet_size,
             receive_maximum,
-            unacked_inbound: HashMap::new(),
+            unacked_inbound: HashMap::default(),
             alias_in_max: topic_alias_maximum,
-            alias_in: HashMap::new(),
+            alias_in: HashMap::default(),
             alias_out_max: 0,
-            alias_out: HashMap::new(),
+            alias_out: HashMap::default(),
             client_max_packet_size: u32::MAX,
         }
     }

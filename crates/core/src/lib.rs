@@ -19,6 +19,7 @@
 pub mod acl;
 pub mod broker;
 pub mod conn;
+pub mod hash;
 pub mod message;
 pub mod offline;
 pub mod persist;

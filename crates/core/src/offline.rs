@@ -21,9 +21,10 @@
 //! it deleted and the session's new head, and the core asks again until the total is back under
 //! the cap. A head that is only a lower bound is corrected by that answer.
 
+use crate::hash::HashMap;
 use crate::trie::SessionId;
 use ferry_codec::ByteStr;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 /// Delete up to `max` queued messages of a session positioned after `after_seq` and at or
 /// below `below_seq`, oldest first; answered with [`crate::Broker::evicted`]. Run it only once

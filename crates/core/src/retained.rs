@@ -4,8 +4,8 @@
 //! pruned on removal, so a wildcard lookup costs in proportion to what it returns rather than to
 //! the number of retained messages.
 
+use crate::hash::HashMap;
 use crate::message::SharedMessage;
-use std::collections::HashMap;
 use std::time::Instant;
 
 /// Where retained messages live. The broker calls it from one task; implementations may write

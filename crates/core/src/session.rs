@@ -2,10 +2,11 @@
 //! flight to the client and queued for it, QoS 2 messages received and not yet released, the
 //! packet identifier counter, and the expiry.
 
+use crate::hash::{HashMap, HashSet};
 use crate::message::{Message, SharedMessage};
 use crate::trie::{SessionId, Subscription};
 use ferry_codec::{ByteStr, QoS};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,10 +116,10 @@ impl Session {
             id,
             client_id,
             conn: None,
-            subscriptions: HashMap::new(),
+            subscriptions: HashMap::default(),
             inflight: VecDeque::new(),
             pending: VecDeque::new(),
-            incoming_qos2: HashSet::new(),
+            incoming_qos2: HashSet::default(),
             next_packet_id: 1,
             expiry_interval: 0,
             expires_at: None,

@@ -3,8 +3,8 @@
 //! (`$share/<group>/<filter>`) hang off the same nodes as groups that hand each message to one
 //! member in turn.
 
+use crate::hash::HashMap;
 use ferry_codec::SubOptions;
-use std::collections::HashMap;
 
 /// Identifies a session in the broker; a new session (clean start) gets a new id, so a stale
 /// entry can never be confused with its successor.
