@@ -33,6 +33,10 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// read our last packets (e.g. the DISCONNECT that says why).
 const LINGER: Duration = Duration::from_secs(2);
 const READ_CHUNK: usize = 4096;
+/// What an idle connection reserves to read into: enough for a PINGREQ or a small PUBLISH. A
+/// read that fills it switches the connection to `READ_CHUNK`s until it is idle again, so an
+/// idle connection holds a few dozen bytes of buffer, not kilobytes.
+const READ_IDLE: usize = 64;
 /// How often a Token-mode connection re-checks its tokens (revocation, expiry).
 const TOKEN_CHECK: Duration = Duration::from_secs(1);
 /// The expiry notice goes out this long before a token expires (§2).
@@ -112,20 +116,24 @@ pub(crate) async fn run<S>(
         local_qos2: Vec::new(),
         status: None,
     };
-    let mut token_check = tokio::time::interval(TOKEN_CHECK);
-    token_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Only Token-mode connections re-check anything, so only they get a timer.
+    let mut token_check: Option<tokio::time::Interval> = None;
     let mut rbuf = BytesMut::new();
+    // Whether the last read filled the space it had (more is probably waiting).
+    let mut busy = false;
     let end = loop {
         let deadline = d.conn.poll_timeout();
         let can_read = d.wbuf.len() < WRITE_HIGH_WATER;
-        if can_read && rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
-            rbuf.reserve(READ_CHUNK);
+        let want = if busy { READ_CHUNK } else { READ_IDLE };
+        if can_read && rbuf.capacity() - rbuf.len() < want / 4 {
+            rbuf.reserve(want);
         }
+        let spare = rbuf.capacity() - rbuf.len();
         tokio::select! {
             res = rd.read_buf(&mut rbuf), if can_read => {
                 match res {
                     Ok(0) | Err(_) => break End::Io,
-                    Ok(_) => {}
+                    Ok(n) => busy = n == spare,
                 }
                 if let Some(end) = d.on_readable(&mut rbuf).await {
                     break end;
@@ -152,20 +160,37 @@ pub(crate) async fn run<S>(
                     break End::Violation;
                 }
             }
-            _ = token_check.tick(), if !d.tokens.is_empty() => {
+            _ = tick(&mut token_check, !d.tokens.is_empty()), if !d.tokens.is_empty() => {
                 if d.check_tokens() {
                     break End::Violation;
                 }
             }
             _ = shutdown.changed(), if !d.registered => break End::Shutdown,
         }
-        // Reclaim the read buffer once everything in it was consumed, so an idle connection
-        // holds no buffer memory.
-        if rbuf.is_empty() && rbuf.capacity() > 4 * READ_CHUNK {
+        // Give back the buffers once everything in them was consumed and the connection is
+        // quiet, so an idle connection holds next to no buffer memory.
+        if rbuf.is_empty() && !busy && rbuf.capacity() > READ_IDLE {
             rbuf = BytesMut::new();
         }
+        if d.wbuf.is_empty() && d.wbuf.capacity() > READ_CHUNK {
+            d.wbuf = BytesMut::new();
+        }
     };
-    d.finish(end, rd).await;
+    // Boxed: its linger buffer would otherwise sit in every connection task for good.
+    Box::pin(d.finish(end, rd)).await;
+}
+
+/// The next tick of a lazily created interval of [`TOKEN_CHECK`].
+async fn tick(timer: &mut Option<tokio::time::Interval>, wanted: bool) {
+    if !wanted {
+        return std::future::pending().await;
+    }
+    let timer = timer.get_or_insert_with(|| {
+        let mut t = tokio::time::interval(TOKEN_CHECK);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    timer.tick().await;
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -197,14 +222,16 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
             };
             match inbound {
                 Inbound::Connect(connect) => {
-                    if let Some(end) = self.on_connect(connect).await {
+                    // Boxed: once per connection, and it would make every connection's task
+                    // carry its state for good.
+                    if let Some(end) = Box::pin(self.on_connect(connect)).await {
                         return Some(end);
                     }
                 }
                 Inbound::Forward(Packet::Publish(p))
                     if !self.tokens.is_empty() && p.topic.as_str() == "$SYS/uploadToken" =>
                 {
-                    if let Some(end) = self.upload_token(p).await {
+                    if let Some(end) = Box::pin(self.upload_token(p)).await {
                         return Some(end);
                     }
                 }
@@ -225,8 +252,16 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
                     let Some(router) = &self.router else {
                         return Some(End::Shutdown);
                     };
-                    if router.send(msg).await.is_err() {
-                        return Some(End::Shutdown);
+                    // Mostly there is room; waiting for it is boxed so that the wait's state
+                    // does not sit in every connection's task.
+                    match router.try_send(msg) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(msg)) => {
+                            if Box::pin(router.send(msg)).await.is_err() {
+                                return Some(End::Shutdown);
+                            }
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => return Some(End::Shutdown),
                     }
                 }
                 Inbound::Reply(packet) => self.write(packet),

@@ -193,7 +193,8 @@ pub struct Broker {
     sessions: Box<dyn SessionRegistry>,
     retained: Box<dyn RetainedStore>,
     subscriptions: SubscriptionTree,
-    conns: HashMap<ConnId, ConnState>,
+    /// Boxed, like the sessions: no table slack of a whole `ConnState` per connection.
+    conns: HashMap<ConnId, Box<ConnState>>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     out: Vec<Output>,
     next_session: SessionId,
@@ -412,7 +413,9 @@ impl Broker {
             assigned = Some(id.clone());
             id
         } else {
-            connect.client_id.clone()
+            // A copy: a slice would keep the whole read buffer of the CONNECT alive for as long
+            // as the session lives.
+            ByteStr::from(connect.client_id.as_str())
         };
         if let Some(will) = &connect.will {
             if topic::validate_name(&will.topic).is_err() {
@@ -519,10 +522,10 @@ impl Broker {
         let window = usize::from(client_receive_max.min(self.limits.max_inflight).max(1));
         self.conns.insert(
             conn,
-            ConnState {
+            Box::new(ConnState {
                 session: sid,
                 protocol,
-                user: connect.username.clone(),
+                user: connect.username.as_deref().map(ByteStr::from),
                 will,
                 max_packet_size: connect.properties.maximum_packet_size.unwrap_or(u32::MAX),
                 window,
@@ -532,7 +535,7 @@ impl Broker {
                 permissions: grant.permissions,
                 peer: grant.peer,
                 last_activity: now,
-            },
+            }),
         );
 
         let mut keep_alive = connect.keep_alive;

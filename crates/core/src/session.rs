@@ -187,30 +187,32 @@ pub trait SessionRegistry: Send {
 /// Sessions in memory, indexed by id and by client id.
 #[derive(Default, Debug)]
 pub struct MemorySessions {
-    by_id: HashMap<SessionId, Session>,
+    /// Boxed: a session is a few hundred bytes, and a table of them inline would carry up to
+    /// twice that per session in free slots.
+    by_id: HashMap<SessionId, Box<Session>>,
     by_client: HashMap<ByteStr, SessionId>,
 }
 
 impl SessionRegistry for MemorySessions {
     fn get(&self, id: SessionId) -> Option<&Session> {
-        self.by_id.get(&id)
+        self.by_id.get(&id).map(|s| &**s)
     }
     fn get_mut(&mut self, id: SessionId) -> Option<&mut Session> {
-        self.by_id.get_mut(&id)
+        self.by_id.get_mut(&id).map(|s| &mut **s)
     }
     fn find(&self, client_id: &str) -> Option<SessionId> {
         self.by_client.get(client_id).copied()
     }
     fn insert(&mut self, session: Session) {
         self.by_client.insert(session.client_id.clone(), session.id);
-        self.by_id.insert(session.id, session);
+        self.by_id.insert(session.id, Box::new(session));
     }
     fn remove(&mut self, id: SessionId) -> Option<Session> {
         let s = self.by_id.remove(&id)?;
         if self.by_client.get(&s.client_id) == Some(&id) {
             self.by_client.remove(&s.client_id);
         }
-        Some(s)
+        Some(*s)
     }
     fn len(&self) -> usize {
         self.by_id.len()
