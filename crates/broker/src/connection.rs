@@ -37,6 +37,9 @@ const READ_CHUNK: usize = 4096;
 /// read that fills it switches the connection to `READ_CHUNK`s until it is idle again, so an
 /// idle connection holds a few dozen bytes of buffer, not kilobytes.
 const READ_IDLE: usize = 64;
+/// A connection that wrote nothing for this long gives its write buffer back (at its next
+/// event, typically a PINGREQ).
+const WRITE_IDLE: Duration = Duration::from_secs(1);
 /// How often a Token-mode connection re-checks its tokens (revocation, expiry).
 const TOKEN_CHECK: Duration = Duration::from_secs(1);
 /// The expiry notice goes out this long before a token expires (§2).
@@ -121,6 +124,8 @@ pub(crate) async fn run<S>(
     let mut rbuf = BytesMut::new();
     // Whether the last read filled the space it had (more is probably waiting).
     let mut busy = false;
+    // When something was last written: the write buffer is kept while output flows.
+    let mut last_write = Instant::now();
     let end = loop {
         let deadline = d.conn.poll_timeout();
         let can_read = d.wbuf.len() < WRITE_HIGH_WATER;
@@ -143,6 +148,7 @@ pub(crate) async fn run<S>(
                 if res.is_err() {
                     break End::Io;
                 }
+                last_write = Instant::now();
                 // Room again: take what the outbox kept while the write buffer was full.
                 if d.wbuf.len() < WRITE_HIGH_WATER && d.drain_outbox() {
                     break End::ByRouter;
@@ -172,7 +178,7 @@ pub(crate) async fn run<S>(
         if rbuf.is_empty() && !busy && rbuf.capacity() > READ_IDLE {
             rbuf = BytesMut::new();
         }
-        if d.wbuf.is_empty() && d.wbuf.capacity() > READ_CHUNK {
+        if d.wbuf.is_empty() && d.wbuf.capacity() > READ_IDLE && last_write.elapsed() > WRITE_IDLE {
             d.wbuf = BytesMut::new();
         }
     };
@@ -255,7 +261,10 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
                     // Mostly there is room; waiting for it is boxed so that the wait's state
                     // does not sit in every connection's task.
                     match router.try_send(msg) {
-                        Ok(()) => {}
+                        // Counts against the task's cooperative budget as `send` would, so a
+                        // fast publisher yields to the connections that write its messages
+                        // out instead of flooding them.
+                        Ok(()) => tokio::task::consume_budget().await,
                         Err(mpsc::error::TrySendError::Full(msg)) => {
                             if Box::pin(router.send(msg)).await.is_err() {
                                 return Some(End::Shutdown);
