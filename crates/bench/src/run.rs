@@ -2,9 +2,9 @@
 //! process, one task each, sharing counters.
 //!
 //! A run goes: subscribers connect (at the ramp rate) and subscribe; idle connections open;
-//! publishers connect and publish (by count, duration and rate); then the run drains (waits
-//! until every expected copy arrived, or nothing arrived for `timeout`) or holds (for `conn` and
-//! `sub`), and stops every client. Each phase is bounded, so a run always ends on its own.
+//! publishers connect, then all start at once and publish (by count, duration and rate); then
+//! the run drains (waits until every expected copy arrived, or nothing arrived for 2 s) or
+//! holds (for `conn` and `sub`), and stops every client. Each phase is bounded, so a run always ends on its own.
 //!
 //! The first 8 bytes of every payload are the send time (nanoseconds since the Unix epoch,
 //! big-endian), so subscribers measure end-to-end latency even in another process.
@@ -346,10 +346,24 @@ pub async fn run(plan: Plan) -> Result<Report> {
         let n = pubs.clients;
         let (first, p) = (number, plan.clone());
         let (sh, stop) = (shared.clone(), stop_rx.clone());
+        // Publishers connect first and start together, so their ramp is not part of the
+        // measured throughput.
+        let (go_tx, go_rx) = watch::channel(false);
         let publishers = launch(&plan, &shared, n, move |i, permit| {
-            publisher(sh.clone(), p.clone(), i, first + i, permit, stop.clone())
+            let go = go_rx.clone();
+            publisher(
+                sh.clone(),
+                p.clone(),
+                i,
+                first + i,
+                permit,
+                go,
+                stop.clone(),
+            )
         })
         .await;
+        settle(&shared, n).await;
+        let _ = go_tx.send(true);
         for handle in publishers {
             let _ = handle.await;
         }
@@ -674,6 +688,7 @@ async fn publisher(
     index: u64,
     number: u64,
     permit: OwnedSemaphorePermit,
+    mut go: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let Some(spec) = plan.pubs.as_ref() else {
@@ -684,6 +699,12 @@ async fn publisher(
         return;
     };
     shared.settled.fetch_add(1, Relaxed);
+    // Bounded: the run says go once every publisher connected or failed.
+    while !*go.borrow_and_update() {
+        if go.changed().await.is_err() {
+            break;
+        }
+    }
     let topic = expand(&spec.topic, index);
     let result = publish(
         &shared,
