@@ -119,15 +119,24 @@ pub(crate) async fn run<S>(
         local_qos2: Vec::new(),
         status: None,
     };
-    // Only Token-mode connections re-check anything, so only they get a timer.
-    let mut token_check: Option<tokio::time::Interval> = None;
+    // Token-mode connections re-check their tokens every TOKEN_CHECK, on the same timer as
+    // the protocol deadlines (no second timer per connection).
+    let mut next_token_check: Option<Instant> = None;
     let mut rbuf = BytesMut::new();
     // Whether the last read filled the space it had (more is probably waiting).
     let mut busy = false;
     // When something was last written: the write buffer is kept while output flows.
     let mut last_write = Instant::now();
     let end = loop {
-        let deadline = d.conn.poll_timeout();
+        if d.tokens.is_empty() {
+            next_token_check = None;
+        } else if next_token_check.is_none() {
+            next_token_check = Some(Instant::now() + TOKEN_CHECK);
+        }
+        let deadline = match (d.conn.poll_timeout(), next_token_check) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let can_read = d.wbuf.len() < WRITE_HIGH_WATER;
         let want = if busy { READ_CHUNK } else { READ_IDLE };
         if can_read && rbuf.capacity() - rbuf.len() < want / 4 {
@@ -160,14 +169,16 @@ pub(crate) async fn run<S>(
                 }
             }
             _ = sleep_until(deadline) => {
-                if let Err(v) = d.conn.handle_timeout(Instant::now()) {
+                let now = Instant::now();
+                if next_token_check.is_some_and(|at| at <= now) {
+                    next_token_check = Some(now + TOKEN_CHECK);
+                    if d.check_tokens() {
+                        break End::Violation;
+                    }
+                }
+                if let Err(v) = d.conn.handle_timeout(now) {
                     debug!(reason = v.reason, "closing");
                     d.violation(v);
-                    break End::Violation;
-                }
-            }
-            _ = tick(&mut token_check, !d.tokens.is_empty()), if !d.tokens.is_empty() => {
-                if d.check_tokens() {
                     break End::Violation;
                 }
             }
@@ -184,19 +195,6 @@ pub(crate) async fn run<S>(
     };
     // Boxed: its linger buffer would otherwise sit in every connection task for good.
     Box::pin(d.finish(end, rd)).await;
-}
-
-/// The next tick of a lazily created interval of [`TOKEN_CHECK`].
-async fn tick(timer: &mut Option<tokio::time::Interval>, wanted: bool) {
-    if !wanted {
-        return std::future::pending().await;
-    }
-    let timer = timer.get_or_insert_with(|| {
-        let mut t = tokio::time::interval(TOKEN_CHECK);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
-    });
-    timer.tick().await;
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -493,6 +491,10 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
                 break true;
             }
             if taken < OUTBOX_BATCH {
+                if taken <= 4 {
+                    // Light traffic: keep no batch memory on an idle connection.
+                    batch = Vec::new();
+                }
                 break false;
             }
         };

@@ -19,6 +19,9 @@ struct State {
     close: Option<Option<Disconnect>>,
 }
 
+/// A drain of at most this many packets that empties the queue counts as light traffic.
+const LIGHT: usize = 4;
+
 pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
@@ -69,6 +72,10 @@ impl Outbox {
         let n = state.packets.len().min(max);
         out.extend(state.packets.drain(..n));
         if state.packets.is_empty() {
+            if n <= LIGHT {
+                // Light traffic: an idle connection keeps no queue memory.
+                state.packets = VecDeque::new();
+            }
             state.close.clone()
         } else {
             None

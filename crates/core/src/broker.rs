@@ -128,7 +128,8 @@ struct ConnState {
     session: SessionId,
     protocol: Protocol,
     user: Option<ByteStr>,
-    will: Option<Will>,
+    /// Boxed: most connections have none.
+    will: Option<Box<Will>>,
     /// The client's maximum packet size.
     max_packet_size: u32,
     /// The outbound inflight window for this connection.
@@ -526,7 +527,7 @@ impl Broker {
                 session: sid,
                 protocol,
                 user: connect.username.as_deref().map(ByteStr::from),
-                will,
+                will: will.map(Box::new),
                 max_packet_size: connect.properties.maximum_packet_size.unwrap_or(u32::MAX),
                 window,
                 zero_expiry_at_connect: requested_expiry == 0,
@@ -1422,7 +1423,7 @@ impl Broker {
                 will_now = Some(will);
             } else {
                 let at = now + Duration::from_secs(u64::from(will.delay.min(expiry)));
-                session.pending_will = Some(PendingWill { will, at });
+                session.pending_will = Some(Box::new(PendingWill { will: *will, at }));
                 self.timers.push(Reverse((at, Timer::WillDelay(sid))));
             }
         }

@@ -85,7 +85,8 @@ pub struct Session {
     pub expiry_interval: u32,
     /// Set while disconnected.
     pub expires_at: Option<Instant>,
-    pub pending_will: Option<PendingWill>,
+    /// Boxed: rare, and a whole message inline in every session otherwise.
+    pub pending_will: Option<Box<PendingWill>>,
     /// When the last connection ended.
     pub disconnected_at: Option<Instant>,
     /// Messages dropped because the queue was full.
