@@ -207,6 +207,8 @@ async fn sleep_until(deadline: Option<Instant>) {
 impl<W: AsyncWrite + Unpin> Driver<W> {
     /// Decodes and handles every complete frame in `rbuf`; `Some` ends the connection.
     async fn on_readable(&mut self, rbuf: &mut BytesMut) -> Option<End> {
+        // One clock read per batch of frames, not per packet (again after any wait).
+        let mut now = Instant::now();
         loop {
             let packet = match decode(rbuf, self.conn.protocol(), self.conn.max_packet_size()) {
                 Ok(Some(p)) => p,
@@ -217,7 +219,7 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
                 }
             };
             trace!(?packet, "received");
-            let inbound = match self.conn.on_packet(packet, Instant::now()) {
+            let inbound = match self.conn.on_packet(packet, now) {
                 Ok(i) => i,
                 Err(v) => {
                     self.violation(v);
@@ -231,6 +233,7 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
                     if let Some(end) = Box::pin(self.on_connect(connect)).await {
                         return Some(end);
                     }
+                    now = Instant::now();
                 }
                 Inbound::Forward(Packet::Publish(p))
                     if !self.tokens.is_empty() && p.topic.as_str() == "$SYS/uploadToken" =>
@@ -267,6 +270,7 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
                             if Box::pin(router.send(msg)).await.is_err() {
                                 return Some(End::Shutdown);
                             }
+                            now = Instant::now();
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => return Some(End::Shutdown),
                     }

@@ -114,6 +114,8 @@ struct Router {
     evictions: Vec<(u64, EvictRequest)>,
     /// Where the retention sweep continues.
     sweep_cursor: Option<Vec<u8>>,
+    /// The core's outputs of one turn (a buffer kept between turns).
+    outputs: Vec<Output>,
     outflow: Outflow,
     /// Batches submitted and not yet done: parts outstanding (store write, outflow append)
     /// and the first error. Batches are released in order, once all their parts are done.
@@ -146,6 +148,7 @@ pub async fn run(
         loads: Vec::new(),
         evictions: Vec::new(),
         sweep_cursor: None,
+        outputs: Vec::new(),
         outflow,
         parts: std::collections::BTreeMap::new(),
         barriers: Vec::new(),
@@ -288,9 +291,11 @@ impl Router {
 
     /// Sends (or holds) the core's outputs.
     fn dispatch(&mut self, broker: &mut Broker) {
-        let outputs: Vec<Output> = broker.drain_output().collect();
+        // One buffer reused from turn to turn: no fresh allocation (and page faults) per turn.
+        let mut outputs = std::mem::take(&mut self.outputs);
+        outputs.extend(broker.drain_output());
         let holding = self.holding();
-        for output in outputs {
+        for output in outputs.drain(..) {
             let conn = output_conn(&output);
             if holding {
                 if let Output::SendDurable { .. } = output {
@@ -306,6 +311,10 @@ impl Router {
             }
             self.deliver(output);
         }
+        if outputs.capacity() > 4096 {
+            outputs = Vec::new(); // after a burst, do not keep its memory
+        }
+        self.outputs = outputs;
         self.update_metrics(broker);
     }
 
