@@ -39,6 +39,39 @@ fn apply(store: &mut BTreeMap<(String, u64), StoredMessage>, b: &mut Broker) -> 
     n
 }
 
+/// Answers the core's loads from the map and acknowledges what `conn` receives until nothing
+/// more comes; the payloads in arrival order.
+fn take_all(
+    store: &mut BTreeMap<(String, u64), StoredMessage>,
+    b: &mut Broker,
+    conn: ferry_core::ConnId,
+    now: Instant,
+) -> Vec<String> {
+    let mut received = Vec::new();
+    for _ in 0..1000 {
+        let requests: Vec<_> = b.drain_loads().collect();
+        for request in &requests {
+            let messages: Vec<(u64, StoredMessage)> = store
+                .range((request.client_id.to_string(), request.after_seq + 1)..)
+                .take_while(|((c, _), _)| c == request.client_id.as_str())
+                .take(request.limit)
+                .map(|((_, seq), m)| (*seq, m.clone()))
+                .collect();
+            b.loaded(&request.client_id, request.limit, messages, now);
+        }
+        let publishes = publishes_to(&drain(b), conn);
+        if publishes.is_empty() && requests.is_empty() {
+            break;
+        }
+        for p in publishes {
+            received.push(String::from_utf8_lossy(&p.payload).into_owned());
+            b.handle(conn, puback(p.packet_id), now);
+        }
+        apply(store, b);
+    }
+    received
+}
+
 #[test]
 fn acknowledgements_of_stored_messages_wait_for_durability() {
     let t0 = Instant::now();
@@ -101,28 +134,7 @@ fn offline_queues_live_on_disk_and_come_back_in_order() {
     // Back online: the core asks for the spilled messages, a window at a time.
     let (ack, _) = online(&mut b, 1, v3("sub", false), t0);
     assert!(ack.session_present);
-    let mut received = Vec::new();
-    for _ in 0..1000 {
-        let requests: Vec<_> = b.drain_loads().collect();
-        for request in &requests {
-            let messages: Vec<(u64, StoredMessage)> = store
-                .range((request.client_id.to_string(), request.after_seq + 1)..)
-                .take_while(|((c, _), _)| c == request.client_id.as_str())
-                .take(request.limit)
-                .map(|((_, seq), m)| (*seq, m.clone()))
-                .collect();
-            b.loaded(&request.client_id, request.limit, messages, t0);
-        }
-        let publishes = publishes_to(&drain(&mut b), 1);
-        if publishes.is_empty() && requests.is_empty() {
-            break;
-        }
-        for p in publishes {
-            received.push(String::from_utf8_lossy(&p.payload).into_owned());
-            b.handle(1, puback(p.packet_id), t0);
-        }
-        apply(&mut store, &mut b);
-    }
+    let received = take_all(&mut store, &mut b, 1, t0);
     let expected: Vec<String> = (0..600).map(|i| format!("m{i}")).collect();
     assert_eq!(received.len(), 600);
     assert_eq!(received, expected, "in order, once each");
@@ -300,28 +312,7 @@ fn the_offline_cap_evicts_the_oldest_messages_of_the_instance_first() {
     // Each client gets its survivors, in order.
     for (conn, name) in [(1, "a"), (2, "b"), (3, "c")] {
         online(&mut b, conn, v3(name, false), t0);
-        let mut received = Vec::new();
-        for _ in 0..100 {
-            let requests: Vec<_> = b.drain_loads().collect();
-            for request in &requests {
-                let messages: Vec<(u64, StoredMessage)> = store
-                    .range((request.client_id.to_string(), request.after_seq + 1)..)
-                    .take_while(|((c, _), _)| c == request.client_id.as_str())
-                    .take(request.limit)
-                    .map(|((_, seq), m)| (*seq, m.clone()))
-                    .collect();
-                b.loaded(&request.client_id, request.limit, messages, t0);
-            }
-            let publishes = publishes_to(&drain(&mut b), conn);
-            if publishes.is_empty() && requests.is_empty() {
-                break;
-            }
-            for p in publishes {
-                received.push(String::from_utf8_lossy(&p.payload).into_owned());
-                b.handle(conn, puback(p.packet_id), t0);
-            }
-            apply(&mut store, &mut b);
-        }
+        let received = take_all(&mut store, &mut b, conn, t0);
         let expected: Vec<String> = kept
             .iter()
             .filter(|(c, _)| c == name)
