@@ -549,7 +549,6 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
         }
     }
 
-    /// Tells the router if it still knows us, flushes what is left, and closes gracefully.
     /// Reports a status event of this connection to the rules.
     fn status_event(&self, kind: crate::StatusKind) {
         let (Some(hooks), Some((client_id, channel_id))) =
@@ -567,6 +566,7 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
         });
     }
 
+    /// Tells the router if it still knows us, flushes what is left, and closes gracefully.
     async fn finish<R: AsyncRead + Unpin>(mut self, end: End, mut rd: R) {
         debug!(?end, peer = %self.peer, "connection closing");
         self.status_event(crate::StatusKind::TcpClean);
