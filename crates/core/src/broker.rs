@@ -1717,6 +1717,8 @@ impl Broker {
         let sid = self.create_session(record.client_id.clone());
         let disconnected_at = record.disconnected_at.unwrap_or(now);
         let session = self.sessions.get_mut(sid).expect("just created");
+        // Its in-flight ids come from the store, not from this session's counter.
+        session.ids_from_elsewhere();
         session.expiry_interval = record.expiry_interval;
         session.disconnected_at = Some(disconnected_at);
         session.incoming_qos2 = record.incoming_qos2.into_iter().collect();
