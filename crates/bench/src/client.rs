@@ -8,7 +8,7 @@
 use crate::error::Failure;
 use crate::transport::{self, Target};
 use bytes::{Buf, BytesMut};
-use ferry_codec::{decode, Connect, Packet, Properties, Protocol, ReasonCode};
+use ferry_codec::{decode, Connect, Packet, Properties, Protocol, PubAck, QoS, ReasonCode};
 use std::future::poll_fn;
 use std::io;
 use std::net::IpAddr;
@@ -141,6 +141,15 @@ impl Client {
         packet
             .encode(self.protocol, &mut self.wbuf)
             .map_err(|e| Failure::new("encode", e.to_string()))
+    }
+
+    /// Queues what a received PUBLISH needs in answer: PUBACK (QoS 1) or PUBREC (QoS 2).
+    pub fn acknowledge(&mut self, qos: QoS, packet_id: u16) -> Result<(), Failure> {
+        match qos {
+            QoS::AtMostOnce => Ok(()),
+            QoS::AtLeastOnce => self.push(&Packet::PubAck(PubAck::new(packet_id))),
+            QoS::ExactlyOnce => self.push(&Packet::PubRec(PubAck::new(packet_id))),
+        }
     }
 
     /// Writes the whole write buffer.

@@ -371,15 +371,7 @@ async fn receive(mut client: Client, opts: &PubSubOptions, start: Instant) -> Re
                                 let sent_at = u64::from_be_bytes(stamp.try_into()?);
                                 latency.saturating_record(now.saturating_sub(sent_at).max(1));
                             }
-                            match p.qos {
-                                QoS::AtMostOnce => {}
-                                QoS::AtLeastOnce => {
-                                    client.push(&Packet::PubAck(PubAck::new(p.packet_id)))?
-                                }
-                                QoS::ExactlyOnce => {
-                                    client.push(&Packet::PubRec(PubAck::new(p.packet_id)))?
-                                }
-                            }
+                            client.acknowledge(p.qos, p.packet_id)?;
                         }
                         Packet::PubRel(rel) => {
                             client.push(&Packet::PubComp(PubAck::new(rel.packet_id)))?

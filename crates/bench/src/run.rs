@@ -651,15 +651,7 @@ async fn receive(
                                 shared.record_latencies(&mut latencies);
                             }
                         }
-                        match p.qos {
-                            QoS::AtMostOnce => {}
-                            QoS::AtLeastOnce => {
-                                client.push(&Packet::PubAck(PubAck::new(p.packet_id)))?
-                            }
-                            QoS::ExactlyOnce => {
-                                client.push(&Packet::PubRec(PubAck::new(p.packet_id)))?
-                            }
-                        }
+                        client.acknowledge(p.qos, p.packet_id)?;
                     }
                     Packet::PubRel(rel) => {
                         client.push(&Packet::PubComp(PubAck::new(rel.packet_id)))?

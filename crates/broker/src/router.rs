@@ -339,17 +339,9 @@ impl Router {
     /// rules, as one batch: what waits for the batch is released when both are done.
     fn submit(&mut self, broker: &mut Broker) {
         let outflow: Vec<_> = broker.drain_outflow().collect();
-        let hooks = self.outflow.hooks.clone();
         let Some(link) = &self.store else {
             // No store, nothing is held: the appends just go.
-            if let (Some(hooks), false) = (hooks, outflow.is_empty()) {
-                let append = hooks.outflow(&self.outflow.instance, outflow);
-                tokio::spawn(async move {
-                    if let Err(e) = append.await {
-                        error!(error = %e, "outflow: cannot append to the queue");
-                    }
-                });
-            }
+            self.append_outflow(outflow, None);
             for done in self.new_barriers.drain(..) {
                 let _ = done.send(Ok(()));
             }
@@ -393,19 +385,8 @@ impl Router {
                 failed = Some(e);
             }
         }
-        if !outflow.is_empty() {
-            if let Some(hooks) = hooks {
-                parts += 1;
-                let append = hooks.outflow(&self.outflow.instance, outflow);
-                let tx = self.commit_tx.clone();
-                tokio::spawn(async move {
-                    let result = append.await.map_err(|e| {
-                        error!(error = %e, "outflow: cannot append to the queue");
-                        StoreError::Io(format!("outflow to the queue: {e}"))
-                    });
-                    let _ = tx.send((batch, result)).await;
-                });
-            }
+        if self.append_outflow(outflow, Some(batch)) {
+            parts += 1;
         }
         self.parts.insert(batch, (parts, Ok(())));
         if let Some(e) = failed {
@@ -413,6 +394,29 @@ impl Router {
         } else if parts == 0 {
             self.part_done(broker, batch, Ok(()));
         }
+    }
+
+    /// Hands client publishes under outflow parents to the rules; with `batch`, the result is
+    /// reported as a part of that batch. Returns whether an append was started.
+    fn append_outflow(&self, outflow: Vec<ferry_core::Outflow>, batch: Option<u64>) -> bool {
+        let Some(hooks) = &self.outflow.hooks else {
+            return false;
+        };
+        if outflow.is_empty() {
+            return false;
+        }
+        let append = hooks.outflow(&self.outflow.instance, outflow);
+        let tx = self.commit_tx.clone();
+        tokio::spawn(async move {
+            let result = append.await.map_err(|e| {
+                error!(error = %e, "outflow: cannot append to the queue");
+                StoreError::Io(format!("outflow to the queue: {e}"))
+            });
+            if let Some(batch) = batch {
+                let _ = tx.send((batch, result)).await;
+            }
+        });
+        true
     }
 
     /// One part of a batch is done; batches whose parts are all done are released, in order.

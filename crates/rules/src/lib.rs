@@ -360,16 +360,26 @@ impl Hooks for Rules {
         }
         let stats = self.stats.clone();
         Box::pin(async move {
-            // Polled in order, so the embedded queue stores them in publish order.
-            let results =
-                futures_util::future::join_all(sends.iter().map(|(c, m)| c.send(m.clone()))).await;
-            for r in results {
+            for r in send_in_order(sends).await {
                 r.map_err(|e| e.to_string())?;
                 stats.outflow_appended.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())
         })
     }
+}
+
+/// Sends each message to its queue, all at once but in order: the sends are polled in order,
+/// so the embedded queue gives them offsets in that order.
+async fn send_in_order(
+    mut sends: Vec<(Arc<dyn QueueClient>, NewMessage)>,
+) -> Vec<Result<ferry_queue::Sent, ferry_queue::QueueError>> {
+    futures_util::future::join_all(
+        sends
+            .iter_mut()
+            .map(|(client, msg)| client.send(std::mem::take(msg))),
+    )
+    .await
 }
 
 /// Appends status events to their rules' queue topics, in order.
@@ -379,22 +389,18 @@ async fn status_loop(rules: Arc<Rules>, mut rx: mpsc::Receiver<StatusEvent>) {
         let taken = events.len() as u64;
         rules.status_busy.fetch_add(taken, Ordering::AcqRel);
         let snap = rules.snapshot();
-        let mut sends: Vec<(String, Arc<dyn QueueClient>, NewMessage)> = Vec::new();
+        let mut rule_names = Vec::new();
+        let mut sends: Vec<(Arc<dyn QueueClient>, NewMessage)> = Vec::new();
         for e in events.drain(..) {
             let Some(group) = mapping::group_of(&e.client_id) else {
                 continue;
             };
             if let Some(t) = snap.status.get(&(e.instance.clone(), group.to_string())) {
-                sends.push((
-                    t.rule.clone(),
-                    t.client.clone(),
-                    mapping::status_message(&t.topic, &e),
-                ));
+                rule_names.push(t.rule.clone());
+                sends.push((t.client.clone(), mapping::status_message(&t.topic, &e)));
             }
         }
-        let results =
-            futures_util::future::join_all(sends.iter().map(|(_, c, m)| c.send(m.clone()))).await;
-        for ((rule, _, _), r) in sends.iter().zip(results) {
+        for (rule, r) in rule_names.iter().zip(send_in_order(sends).await) {
             match r {
                 Ok(_) => {
                     rules.stats.status_appended.fetch_add(1, Ordering::Relaxed);
