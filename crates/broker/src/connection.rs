@@ -2,25 +2,37 @@
 //! state machine ([`ferry_core::Connection`]), forwards them to the router, and writes what the
 //! router puts in the connection's [`Outbox`].
 //!
+//! The task is a hand-written future ([`ConnTask`]) rather than an `async fn` with a `select!`:
+//! an idle connection is then just this struct — the socket, two small buffers, one timer and
+//! the state machine — with no select state or pending sub-futures kept for good. The rare
+//! asynchronous steps (waiting for the router to accept a CONNECT, waiting for room in the
+//! router's queue, applying an uploaded token, the final flush) run as boxed futures that exist
+//! only while they are needed.
+//!
 //! Reading pauses while more than [`WRITE_HIGH_WATER`] bytes wait to be written, so a client
 //! that never reads cannot make the server buffer its answers without bound.
 
 use crate::outbox::Outbox;
 use crate::router::RouterMsg;
 use crate::Shared;
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use ferry_codec::{
-    decode, ByteStr, ConnAck, DecodeError, Disconnect, Packet, Protocol, PubAck, QoS, ReasonCode,
+    decode, ByteStr, ConnAck, Connect, DecodeError, Disconnect, Packet, Protocol, PubAck, Publish,
+    QoS, ReasonCode,
 };
 use ferry_core::conn::{Inbound, Violation};
-use ferry_core::{ClientGrant, ConnId, Connection, Permissions};
+use ferry_core::{Accepted, ClientGrant, ConnId, Connection, Permissions};
 use ferry_meta::auth::{HeldToken, TokenType};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
+use tokio::time::Sleep;
 use tracing::{debug, trace};
 
 /// Stop reading from a client, and stop taking packets from its outbox, while this much output
@@ -47,6 +59,8 @@ const TOKEN_EXPIRY_NOTICE_MS: u64 = 5 * 60 * 1000;
 /// Packets taken from the outbox per lock.
 const OUTBOX_BATCH: usize = 64;
 
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
 /// How a connection ended.
 #[derive(Debug)]
 enum End {
@@ -60,192 +74,424 @@ enum End {
     Shutdown,
 }
 
-struct Driver<W> {
-    id: ConnId,
+/// What a finished asynchronous step hands back to the driver.
+enum Resumed {
+    /// A packet that had to wait for room in the router's queue is queued.
+    Sent,
+    /// The router accepted the CONNECT.
+    Connected(Box<Connected>),
+    /// The router refused the CONNECT: the CONNACK and the close are in the outbox.
+    Refused,
+    /// An uploaded token's rights apply: acknowledge its PUBLISH.
+    Applied { qos: QoS, packet_id: u16 },
+    /// The router is gone (shutdown).
+    Closed,
+}
+
+struct Connected {
+    accepted: Accepted,
+    router: mpsc::Sender<RouterMsg>,
+    instance: String,
+    tokens: Vec<HeldToken>,
+}
+
+/// What a connection needs until its CONNECT is accepted, behind one pointer.
+struct Handshake {
+    /// Resolves when the server shuts down.
+    stop: BoxFuture<()>,
+    peer: SocketAddr,
+}
+
+/// What only some connections need once connected (status events, Token mode), behind one
+/// pointer.
+struct Extra {
+    instance: String,
+    peer: SocketAddr,
+    /// For status events (§5): the client id and this connection's channel id.
+    status: Option<(ByteStr, u128)>,
+    tokens: Option<Box<Tokens>>,
+}
+
+/// A Token-mode connection's tokens.
+struct Tokens {
+    /// Re-checked every second.
+    held: Vec<HeldToken>,
+    expiry_noticed: Vec<bool>,
+    next_check: Option<Instant>,
+    /// QoS 2 packet ids of `$SYS/uploadToken` messages answered here, awaiting PUBREL.
+    local_qos2: Vec<u16>,
+}
+
+/// What handling buffered input came to.
+enum Flow {
+    /// Every complete frame is handled, or an asynchronous step started; true if any was.
+    Continue(bool),
+    /// The task used up its cooperative budget; it has been scheduled again.
+    Yield,
+    End(End),
+}
+
+/// What moving packets from the outbox came to.
+enum Drained {
+    Nothing,
+    Moved,
+    /// The router closed the connection.
+    Closed,
+}
+
+struct Driver<S> {
+    io: S,
     conn: Connection,
     shared: Arc<Shared>,
     outbox: Arc<Outbox>,
-    wr: W,
+    rbuf: BytesMut,
     wbuf: BytesMut,
     /// Reused between outbox drains.
     batch: Vec<Packet>,
-    registered: bool,
-    peer: SocketAddr,
     /// The instance's router, once CONNECT was accepted.
     router: Option<mpsc::Sender<RouterMsg>>,
-    instance: String,
-    /// Tokens held by a Token-mode connection, re-checked every second.
-    tokens: Vec<HeldToken>,
-    expiry_noticed: Vec<bool>,
-    /// QoS 2 packet ids of `$SYS/uploadToken` messages answered here, awaiting PUBREL.
-    local_qos2: Vec<u16>,
-    /// For status events (§5), once the CONNECT was accepted: the client id and this
-    /// connection's channel id.
-    status: Option<(String, String)>,
-}
-
-pub(crate) async fn run<S>(
-    stream: S,
-    peer: SocketAddr,
+    /// Until the CONNECT is accepted.
+    handshake: Option<Box<Handshake>>,
+    extra: Option<Box<Extra>>,
+    /// The asynchronous step in progress; input waits until it is done.
+    pending: Option<BoxFuture<Resumed>>,
+    /// When something was last written: the write buffer is kept while output flows.
+    last_write: Instant,
     id: ConnId,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (mut rd, wr) = tokio::io::split(stream);
-    let limits = &shared.config.limits;
-    let conn = Connection::new(
-        Instant::now(),
-        shared.config.handshake_timeout,
-        limits.max_packet_size,
-        limits.receive_maximum,
-        limits.topic_alias_maximum,
-    );
-    let mut d = Driver {
-        id,
-        conn,
-        outbox: Arc::new(Outbox::new(shared.config.outbox_qos0_limit)),
-        shared,
-        wr,
-        wbuf: BytesMut::new(),
-        batch: Vec::new(),
-        registered: false,
-        peer,
-        router: None,
-        instance: String::new(),
-        tokens: Vec::new(),
-        expiry_noticed: Vec::new(),
-        local_qos2: Vec::new(),
-        status: None,
-    };
-    // Token-mode connections re-check their tokens every TOKEN_CHECK, on the same timer as
-    // the protocol deadlines (no second timer per connection).
-    let mut next_token_check: Option<Instant> = None;
-    let mut rbuf = BytesMut::new();
-    // Whether the last read filled the space it had (more is probably waiting).
-    let mut busy = false;
-    // When something was last written: the write buffer is kept while output flows.
-    let mut last_write = Instant::now();
-    let end = loop {
-        if d.tokens.is_empty() {
-            next_token_check = None;
-        } else if next_token_check.is_none() {
-            next_token_check = Some(Instant::now() + TOKEN_CHECK);
-        }
-        let deadline = match (d.conn.poll_timeout(), next_token_check) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let can_read = d.wbuf.len() < WRITE_HIGH_WATER;
-        let want = if busy { READ_CHUNK } else { READ_IDLE };
-        if can_read && rbuf.capacity() - rbuf.len() < want / 4 {
-            rbuf.reserve(want);
-        }
-        let spare = rbuf.capacity() - rbuf.len();
-        tokio::select! {
-            res = rd.read_buf(&mut rbuf), if can_read => {
-                match res {
-                    Ok(0) | Err(_) => break End::Io,
-                    Ok(n) => busy = n == spare,
-                }
-                if let Some(end) = d.on_readable(&mut rbuf).await {
-                    break end;
-                }
-            }
-            res = d.wr.write_buf(&mut d.wbuf), if !d.wbuf.is_empty() => {
-                if res.is_err() {
-                    break End::Io;
-                }
-                last_write = Instant::now();
-                // Room again: take what the outbox kept while the write buffer was full.
-                if d.wbuf.len() < WRITE_HIGH_WATER && d.drain_outbox() {
-                    break End::ByRouter;
-                }
-            }
-            _ = d.outbox.ready() => {
-                if d.drain_outbox() {
-                    break End::ByRouter;
-                }
-            }
-            _ = sleep_until(deadline) => {
-                let now = Instant::now();
-                if next_token_check.is_some_and(|at| at <= now) {
-                    next_token_check = Some(now + TOKEN_CHECK);
-                    if d.check_tokens() {
-                        break End::Violation;
-                    }
-                }
-                if let Err(v) = d.conn.handle_timeout(now) {
-                    debug!(reason = v.reason, "closing");
-                    d.violation(v);
-                    break End::Violation;
-                }
-            }
-            _ = shutdown.changed(), if !d.registered => break End::Shutdown,
-        }
-        // Give back the buffers once everything in them was consumed and the connection is
-        // quiet, so an idle connection holds next to no buffer memory.
-        if rbuf.is_empty() && !busy && rbuf.capacity() > READ_IDLE {
-            rbuf = BytesMut::new();
-        }
-        if d.wbuf.is_empty() && d.wbuf.capacity() > READ_IDLE && last_write.elapsed() > WRITE_IDLE {
-            d.wbuf = BytesMut::new();
-        }
-    };
-    // Boxed: its linger buffer would otherwise sit in every connection task for good.
-    Box::pin(d.finish(end, rd)).await;
+    registered: bool,
+    /// Whether the last read filled the space it had (more is probably waiting).
+    busy: bool,
+    /// Bytes were written since the last flush (a no-op for TCP, needed by TLS streams).
+    unflushed: bool,
+    /// The server's connection slot, given back when the task ends.
+    _slot: OwnedSemaphorePermit,
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
-        None => std::future::pending().await,
+/// What a connection task is doing.
+// The driver inline is the point: boxing it would cost an allocation per connection.
+#[allow(clippy::large_enum_variant)]
+enum Stage<S> {
+    Running(Driver<S>),
+    /// The connection ended: the flush and close.
+    Closing(BoxFuture<()>),
+    Done,
+}
+
+pin_project_lite::pin_project! {
+    /// The future of one connection's task.
+    pub(crate) struct ConnTask<S> {
+        stage: Stage<S>,
+        // The one timer of the connection: handshake, keep-alive and token deadlines. Set to
+        // the earliest deadline; a later one leaves it alone (it fires early, finds nothing
+        // due, and is set again).
+        #[pin]
+        timer: Sleep,
+        // The connection's tracing span; none when it is disabled (no cost per connection).
+        span: Option<Box<tracing::Span>>,
     }
 }
 
-impl<W: AsyncWrite + Unpin> Driver<W> {
-    /// Decodes and handles every complete frame in `rbuf`; `Some` ends the connection.
-    async fn on_readable(&mut self, rbuf: &mut BytesMut) -> Option<End> {
-        // One clock read per batch of frames, not per packet (again after any wait).
-        let mut now = Instant::now();
+impl<S> ConnTask<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    pub(crate) fn new(
+        stream: S,
+        peer: SocketAddr,
+        id: ConnId,
+        shared: Arc<Shared>,
+        shutdown: watch::Receiver<bool>,
+        slot: OwnedSemaphorePermit,
+        span: tracing::Span,
+    ) -> Self {
+        let limits = &shared.config.limits;
+        let now = Instant::now();
+        let conn = Connection::new(
+            now,
+            shared.config.handshake_timeout,
+            limits.max_packet_size,
+            limits.receive_maximum,
+            limits.topic_alias_maximum,
+        );
+        let first_deadline = conn
+            .poll_timeout()
+            .unwrap_or(now + Duration::from_secs(3600));
+        let driver = Driver {
+            io: stream,
+            conn,
+            outbox: Arc::new(Outbox::new(shared.config.outbox_qos0_limit)),
+            shared,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            batch: Vec::new(),
+            router: None,
+            handshake: Some(Box::new(Handshake {
+                stop: Box::pin(async move {
+                    let mut shutdown = shutdown;
+                    let _ = shutdown.changed().await;
+                }),
+                peer,
+            })),
+            extra: None,
+            pending: None,
+            last_write: now,
+            id,
+            registered: false,
+            busy: false,
+            unflushed: false,
+            _slot: slot,
+        };
+        ConnTask {
+            stage: Stage::Running(driver),
+            timer: tokio::time::sleep_until(tokio::time::Instant::from_std(first_deadline)),
+            span: (!span.is_disabled()).then(|| Box::new(span)),
+        }
+    }
+}
+
+impl<S> Future for ConnTask<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let _entered = this.span.as_ref().map(|s| s.enter());
+        if let Stage::Running(driver) = this.stage {
+            let end = ready!(driver.poll_run(cx, this.timer.as_mut()));
+            let Stage::Running(driver) = std::mem::replace(this.stage, Stage::Done) else {
+                unreachable!("the stage was Running")
+            };
+            *this.stage = Stage::Closing(Box::pin(driver.finish(end)));
+        }
+        match this.stage {
+            Stage::Closing(closing) => {
+                ready!(closing.as_mut().poll(cx));
+                *this.stage = Stage::Done;
+                Poll::Ready(())
+            }
+            _ => Poll::Ready(()),
+        }
+    }
+}
+
+impl<S> Driver<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Makes all the progress there is: the pending step, outbox → socket, socket → router,
+    /// the timer. Returns `Pending` once nothing moves (every source has the waker).
+    fn poll_run(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<End> {
         loop {
-            let packet = match decode(rbuf, self.conn.protocol(), self.conn.max_packet_size()) {
+            let mut progress = false;
+            if let (Some(handshake), None) = (&mut self.handshake, &self.pending) {
+                if handshake.stop.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(End::Shutdown);
+                }
+            }
+            if let Some(step) = &mut self.pending {
+                if let Poll::Ready(resumed) = step.as_mut().poll(cx) {
+                    self.pending = None;
+                    if let Some(end) = self.resume(resumed) {
+                        return Poll::Ready(end);
+                    }
+                    progress = true;
+                }
+            }
+            // Output first (after a CONNECT, the CONNACK precedes any answer to what follows).
+            match self.drain_outbox(cx) {
+                Drained::Closed => return Poll::Ready(End::ByRouter),
+                Drained::Moved => progress = true,
+                Drained::Nothing => {}
+            }
+            match self.poll_output(cx) {
+                Err(()) => return Poll::Ready(End::Io),
+                Ok(wrote) => progress |= wrote,
+            }
+            // Input, unless a step is in progress or output is backed up.
+            if self.pending.is_none() && self.wbuf.len() < WRITE_HIGH_WATER {
+                match self.process(cx) {
+                    Flow::End(end) => return Poll::Ready(end),
+                    Flow::Yield => return Poll::Pending,
+                    Flow::Continue(handled) => progress |= handled,
+                }
+                if self.pending.is_none() && self.wbuf.len() < WRITE_HIGH_WATER {
+                    match self.poll_input(cx) {
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(End::Io),
+                        Poll::Ready(Ok(_)) => progress = true,
+                        Poll::Pending => {}
+                    }
+                }
+            }
+            match self.poll_timer(cx, timer.as_mut()) {
+                Err(end) => return Poll::Ready(end),
+                Ok(fired) => progress |= fired,
+            }
+            if !progress {
+                break;
+            }
+        }
+        self.release_idle_buffers();
+        Poll::Pending
+    }
+
+    /// Reads what the socket has into the read buffer (a small one while the connection is
+    /// quiet).
+    fn poll_input(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let want = if self.busy { READ_CHUNK } else { READ_IDLE };
+        if self.rbuf.capacity() - self.rbuf.len() < want / 4 {
+            self.rbuf.reserve(want);
+        }
+        let spare = self.rbuf.capacity() - self.rbuf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.rbuf
+        ))?;
+        self.busy = n == spare;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes the write buffer to the socket; `Ok(true)` if anything was written, `Err` when
+    /// the socket failed.
+    fn poll_output(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
+        let mut wrote = false;
+        while !self.wbuf.is_empty() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.wbuf) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
+                Poll::Ready(Ok(n)) => {
+                    self.wbuf.advance(n);
+                    wrote = true;
+                    self.unflushed = true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if self.wbuf.is_empty() && self.unflushed {
+            match Pin::new(&mut self.io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(_)) => return Err(()),
+                Poll::Pending => {}
+            }
+        }
+        if wrote {
+            self.last_write = Instant::now();
+        }
+        Ok(wrote)
+    }
+
+    /// Keeps the timer at the earliest deadline and handles it when it fires; `Ok(true)` if it
+    /// fired.
+    fn poll_timer(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Result<bool, End> {
+        let Some(deadline) = self.deadline() else {
+            return Ok(false);
+        };
+        // A later deadline (every packet moves the keep-alive one) leaves the timer alone: it
+        // fires early, finds nothing due, and is set again.
+        let deadline = tokio::time::Instant::from_std(deadline);
+        if timer.is_elapsed() || deadline < timer.deadline() {
+            timer.as_mut().reset(deadline);
+        }
+        if timer.poll(cx).is_pending() {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        let tokens = self.extra.as_mut().and_then(|x| x.tokens.as_mut());
+        if let Some(t) = tokens.filter(|t| t.next_check.is_some_and(|at| at <= now)) {
+            t.next_check = Some(now + TOKEN_CHECK);
+            if self.check_tokens() {
+                return Err(End::Violation);
+            }
+        }
+        if let Err(v) = self.conn.handle_timeout(now) {
+            debug!(reason = v.reason, "closing");
+            self.violation(v);
+            return Err(End::Violation);
+        }
+        Ok(true)
+    }
+
+    /// The earliest protocol or token-check deadline.
+    fn deadline(&mut self) -> Option<Instant> {
+        let token_check = match self.extra.as_mut().and_then(|x| x.tokens.as_mut()) {
+            Some(t) if !t.held.is_empty() => Some(
+                *t.next_check
+                    .get_or_insert_with(|| Instant::now() + TOKEN_CHECK),
+            ),
+            Some(t) => {
+                t.next_check = None;
+                None
+            }
+            None => None,
+        };
+        match (self.conn.poll_timeout(), token_check) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Gives back the buffers once everything in them was consumed and the connection is
+    /// quiet, so an idle connection holds next to no buffer memory.
+    fn release_idle_buffers(&mut self) {
+        if self.rbuf.is_empty() && !self.busy {
+            self.rbuf = BytesMut::new();
+        }
+        if self.wbuf.is_empty()
+            && self.wbuf.capacity() > READ_IDLE
+            && self.last_write.elapsed() > WRITE_IDLE
+        {
+            self.wbuf = BytesMut::new();
+        }
+    }
+
+    /// Decodes and handles every complete frame in the read buffer, until one starts an
+    /// asynchronous step or the output backs up.
+    fn process(&mut self, cx: &mut Context<'_>) -> Flow {
+        // One clock read per batch of frames, not per packet.
+        let mut now = None;
+        let mut handled = false;
+        while self.pending.is_none() && self.wbuf.len() < WRITE_HIGH_WATER {
+            let packet = match decode(
+                &mut self.rbuf,
+                self.conn.protocol(),
+                self.conn.max_packet_size(),
+            ) {
                 Ok(Some(p)) => p,
-                Ok(None) => return None,
+                Ok(None) => break,
                 Err(e) => {
                     self.decode_error(e);
-                    return Some(End::Violation);
+                    return Flow::End(End::Violation);
                 }
             };
+            handled = true;
             trace!(?packet, "received");
+            let now = *now.get_or_insert_with(Instant::now);
             let inbound = match self.conn.on_packet(packet, now) {
                 Ok(i) => i,
                 Err(v) => {
                     self.violation(v);
-                    return Some(End::Violation);
+                    return Flow::End(End::Violation);
                 }
             };
             match inbound {
                 Inbound::Connect(connect) => {
-                    // Boxed: once per connection, and it would make every connection's task
-                    // carry its state for good.
-                    if let Some(end) = Box::pin(self.on_connect(connect)).await {
-                        return Some(end);
+                    if let Some(end) = self.on_connect(connect) {
+                        return Flow::End(end);
                     }
-                    now = Instant::now();
                 }
                 Inbound::Forward(Packet::Publish(p))
-                    if !self.tokens.is_empty() && p.topic.as_str() == "$SYS/uploadToken" =>
+                    if self.has_tokens() && p.topic.as_str() == "$SYS/uploadToken" =>
                 {
-                    if let Some(end) = Box::pin(self.upload_token(p)).await {
-                        return Some(end);
+                    if let Some(end) = self.upload_token(p) {
+                        return Flow::End(end);
                     }
                 }
-                Inbound::Forward(Packet::PubRel(rel))
-                    if self.local_qos2.contains(&rel.packet_id) =>
-                {
-                    self.local_qos2.retain(|&id| id != rel.packet_id);
+                Inbound::Forward(Packet::PubRel(rel)) if self.answered_here(rel.packet_id) => {
                     self.write(Packet::PubComp(PubAck::new(rel.packet_id)));
                 }
                 Inbound::Forward(packet) => {
@@ -257,33 +503,114 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
                         packet,
                     };
                     let Some(router) = &self.router else {
-                        return Some(End::Shutdown);
+                        return Flow::End(End::Shutdown);
                     };
-                    // Mostly there is room; waiting for it is boxed so that the wait's state
-                    // does not sit in every connection's task.
                     match router.try_send(msg) {
                         // Counts against the task's cooperative budget as `send` would, so a
                         // fast publisher yields to the connections that write its messages
                         // out instead of flooding them.
-                        Ok(()) => tokio::task::consume_budget().await,
+                        Ok(()) => match tokio::task::coop::poll_proceed(cx) {
+                            Poll::Ready(restore) => restore.made_progress(),
+                            Poll::Pending => return Flow::Yield,
+                        },
                         Err(mpsc::error::TrySendError::Full(msg)) => {
-                            if Box::pin(router.send(msg)).await.is_err() {
-                                return Some(End::Shutdown);
-                            }
-                            now = Instant::now();
+                            let router = router.clone();
+                            self.pending = Some(Box::pin(async move {
+                                match router.send(msg).await {
+                                    Ok(()) => Resumed::Sent,
+                                    Err(_) => Resumed::Closed,
+                                }
+                            }));
                         }
-                        Err(mpsc::error::TrySendError::Closed(_)) => return Some(End::Shutdown),
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            return Flow::End(End::Shutdown)
+                        }
                     }
                 }
                 Inbound::Reply(packet) => self.write(packet),
             }
         }
+        Flow::Continue(handled)
     }
 
-    /// Authenticates a CONNECT, picks its instance and hands it to that instance's router.
-    async fn on_connect(&mut self, connect: Box<ferry_codec::Connect>) -> Option<End> {
+    fn tokens(&mut self) -> Option<&mut Tokens> {
+        self.extra.as_mut()?.tokens.as_deref_mut()
+    }
+
+    fn has_tokens(&self) -> bool {
+        let tokens = self.extra.as_ref().and_then(|x| x.tokens.as_ref());
+        tokens.is_some_and(|t| !t.held.is_empty())
+    }
+
+    /// Whether `packet_id` is a QoS 2 `$SYS/uploadToken` answered here (then forgets it).
+    fn answered_here(&mut self, packet_id: u16) -> bool {
+        let Some(t) = self.tokens() else {
+            return false;
+        };
+        let before = t.local_qos2.len();
+        t.local_qos2.retain(|&id| id != packet_id);
+        t.local_qos2.len() != before
+    }
+
+    /// Applies what a finished asynchronous step says.
+    fn resume(&mut self, resumed: Resumed) -> Option<End> {
+        match resumed {
+            Resumed::Sent | Resumed::Refused => None,
+            Resumed::Closed => Some(End::Shutdown),
+            Resumed::Connected(c) => {
+                let Connected {
+                    accepted,
+                    router,
+                    instance,
+                    tokens,
+                } = *c;
+                tracing::Span::current().record("client_id", accepted.client_id.as_str());
+                debug!(keep_alive = accepted.keep_alive, instance, "connected");
+                self.conn.accepted(accepted.keep_alive);
+                self.registered = true;
+                let peer = self.handshake.take().map(|h| h.peer);
+                self.router = Some(router);
+                let hooks = self.shared.instances.hooks.is_some();
+                if let (Some(peer), true) = (peer, hooks || !tokens.is_empty()) {
+                    self.extra = Some(Box::new(Extra {
+                        instance,
+                        peer,
+                        status: hooks.then(|| (accepted.client_id, crate::hooks::new_channel_id())),
+                        tokens: (!tokens.is_empty()).then(|| {
+                            Box::new(Tokens {
+                                expiry_noticed: vec![false; tokens.len()],
+                                held: tokens,
+                                next_check: None,
+                                local_qos2: Vec::new(),
+                            })
+                        }),
+                    }));
+                }
+                self.status_event(crate::StatusKind::Connect);
+                None
+            }
+            Resumed::Applied { qos, packet_id } => {
+                match qos {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => self.write(Packet::PubAck(PubAck::new(packet_id))),
+                    QoS::ExactlyOnce => {
+                        if let Some(t) = self.tokens() {
+                            t.local_qos2.push(packet_id);
+                        }
+                        self.write(Packet::PubRec(PubAck::new(packet_id)));
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Authenticates a CONNECT, picks its instance and hands it to that instance's router (the
+    /// verdict comes back as a [`Resumed`]).
+    fn on_connect(&mut self, connect: Box<Connect>) -> Option<End> {
         let shared = self.shared.clone();
-        let ip = self.peer.ip();
+        let peer = self.handshake.as_ref()?.peer;
+        let ip = peer.ip();
         let now = Instant::now();
         let limit = shared.config.max_failed_logins_per_minute;
         if !shared.failed_logins.allowed(ip, limit, now) {
@@ -324,40 +651,33 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
             }
         };
         self.conn.set_max_packet_size(limits.max_packet_size);
-        let (reply, accepted) = oneshot::channel();
+        let (reply, verdict) = oneshot::channel();
         let msg = RouterMsg::Connect {
             conn: self.id,
             connect,
             grant: ClientGrant {
                 permissions,
-                peer: Some(self.peer.to_string()),
+                peer: Some(peer),
             },
             outbox: self.outbox.clone(),
             reply,
         };
-        if router.send(msg).await.is_err() {
-            return Some(End::Shutdown);
-        }
-        match accepted.await {
-            Ok(Some(a)) => {
-                tracing::Span::current().record("client_id", a.client_id.as_str());
-                debug!(keep_alive = a.keep_alive, instance, "connected");
-                self.conn.accepted(a.keep_alive);
-                self.registered = true;
-                self.router = Some(router);
-                self.instance = instance;
-                self.expiry_noticed = vec![false; tokens.len()];
-                self.tokens = tokens;
-                if self.shared.instances.hooks.is_some() {
-                    self.status = Some((a.client_id.to_string(), crate::hooks::new_channel_id()));
-                    self.status_event(crate::StatusKind::Connect);
-                }
-                None
+        self.pending = Some(Box::pin(async move {
+            if router.send(msg).await.is_err() {
+                return Resumed::Closed;
             }
-            // Refused: the CONNACK and the close are in the outbox.
-            Ok(None) => None,
-            Err(_) => Some(End::Shutdown),
-        }
+            match verdict.await {
+                Ok(Some(accepted)) => Resumed::Connected(Box::new(Connected {
+                    accepted,
+                    router,
+                    instance,
+                    tokens,
+                })),
+                Ok(None) => Resumed::Refused,
+                Err(_) => Resumed::Closed,
+            }
+        }));
+        None
     }
 
     /// Answers a refused CONNECT.
@@ -372,7 +692,7 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
     /// `$SYS/uploadToken` from a Token-mode client: `{"token":"…","type":"R|W|RW"}` replaces
     /// that token type on this connection; the acknowledgement is sent once the new rights
     /// apply.
-    async fn upload_token(&mut self, p: ferry_codec::Publish) -> Option<End> {
+    fn upload_token(&mut self, p: Publish) -> Option<End> {
         #[derive(serde::Deserialize)]
         struct Upload {
             token: String,
@@ -386,38 +706,37 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
             return Some(self.token_invalid(1, "R"));
         };
         let meta = self.shared.instances.meta.clone();
-        let held = match meta.upload_token(&self.instance, kind, &token, ferry_meta::now_ms()) {
+        let x = self.extra.as_mut()?;
+        let held = match meta.upload_token(&x.instance, kind, &token, ferry_meta::now_ms()) {
             Ok(h) => h,
             Err(e) => return Some(self.token_invalid(e.token_code.unwrap_or(1), kind.as_str())),
         };
-        match self.tokens.iter().position(|t| t.kind == kind) {
+        let t = x.tokens.as_mut()?;
+        match t.held.iter().position(|t| t.kind == kind) {
             Some(i) => {
-                self.tokens[i] = held;
-                self.expiry_noticed[i] = false;
+                t.held[i] = held;
+                t.expiry_noticed[i] = false;
             }
             None => {
-                self.tokens.push(held);
-                self.expiry_noticed.push(false);
+                t.held.push(held);
+                t.expiry_noticed.push(false);
             }
         }
+        let permissions = ferry_meta::auth::token_permissions(&t.held);
+        let router = self.router.clone()?;
         let (done, applied) = oneshot::channel();
         let msg = RouterMsg::SetPermissions {
             conn: self.id,
-            permissions: ferry_meta::auth::token_permissions(&self.tokens),
+            permissions,
             done,
         };
-        let router = self.router.as_ref()?;
-        if router.send(msg).await.is_err() || applied.await.is_err() {
-            return Some(End::Shutdown);
-        }
-        match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.write(Packet::PubAck(PubAck::new(p.packet_id))),
-            QoS::ExactlyOnce => {
-                self.local_qos2.push(p.packet_id);
-                self.write(Packet::PubRec(PubAck::new(p.packet_id)));
+        let (qos, packet_id) = (p.qos, p.packet_id);
+        self.pending = Some(Box::pin(async move {
+            if router.send(msg).await.is_err() || applied.await.is_err() {
+                return Resumed::Closed;
             }
-        }
+            Resumed::Applied { qos, packet_id }
+        }));
         None
     }
 
@@ -435,7 +754,7 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
 
     /// Writes a QoS 0 message from the server on a `$SYS/…` topic.
     fn system_message(&mut self, topic: &'static str, body: String) {
-        self.write(Packet::Publish(ferry_codec::Publish {
+        self.write(Packet::Publish(Publish {
             topic: ByteStr::from_static(topic),
             payload: body.into(),
             ..Default::default()
@@ -447,22 +766,38 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
     fn check_tokens(&mut self) -> bool {
         let now = ferry_meta::now_ms();
         let meta = self.shared.instances.meta.clone();
-        for i in 0..self.tokens.len() {
-            let held = self.tokens[i].clone();
+        let Some(x) = &mut self.extra else {
+            return false;
+        };
+        let Some(t) = &mut x.tokens else {
+            return false;
+        };
+        let mut notices = Vec::new();
+        let mut invalid = None;
+        for (held, noticed) in t.held.iter().zip(t.expiry_noticed.iter_mut()) {
             let kind = held.kind.as_str();
-            if let Err(e) = meta.token_status(&self.instance, &held, now) {
-                self.token_invalid(e.token_code.unwrap_or(1), kind);
-                return true;
+            if let Err(e) = meta.token_status(&x.instance, held, now) {
+                invalid = Some((e.token_code.unwrap_or(1), kind));
+                break;
             }
-            if !self.expiry_noticed[i]
-                && held.expire_at.saturating_sub(now) <= TOKEN_EXPIRY_NOTICE_MS
-            {
-                self.expiry_noticed[i] = true;
-                let body = format!("{{\"expireTime\":{},\"type\":\"{kind}\"}}", held.expire_at);
-                self.system_message("$SYS/tokenExpireNotice", body);
+            if !*noticed && held.expire_at.saturating_sub(now) <= TOKEN_EXPIRY_NOTICE_MS {
+                *noticed = true;
+                notices.push(format!(
+                    "{{\"expireTime\":{},\"type\":\"{kind}\"}}",
+                    held.expire_at
+                ));
             }
         }
-        false
+        for body in notices {
+            self.system_message("$SYS/tokenExpireNotice", body);
+        }
+        match invalid {
+            Some((code, kind)) => {
+                self.token_invalid(code, kind);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Encodes `packet` into the write buffer after the connection's outbound processing.
@@ -475,16 +810,25 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
     }
 
     /// Moves packets from the outbox into the write buffer while it is below the high-water
-    /// mark; true when the router closed the connection (a close is honoured even when the
-    /// buffer is full: the connection is going away and whatever is queued is dropped).
-    fn drain_outbox(&mut self) -> bool {
+    /// mark. A close is honoured even when the buffer is full: the connection is going away and
+    /// whatever is queued is dropped. When the outbox is left empty it keeps the waker.
+    fn drain_outbox(&mut self, cx: &mut Context<'_>) -> Drained {
         let mut batch = std::mem::take(&mut self.batch);
-        let closed = loop {
+        let mut moved = false;
+        let result = loop {
             if self.wbuf.len() >= WRITE_HIGH_WATER {
-                break self.outbox.is_closing();
+                // Woken again by the socket once it takes more.
+                break if self.outbox.is_closing() {
+                    Drained::Closed
+                } else if moved {
+                    Drained::Moved
+                } else {
+                    Drained::Nothing
+                };
             }
-            let close = self.outbox.take(&mut batch, OUTBOX_BATCH);
+            let close = self.outbox.take(&mut batch, OUTBOX_BATCH, cx.waker());
             let taken = batch.len();
+            moved |= taken > 0;
             for packet in batch.drain(..) {
                 self.write(packet);
             }
@@ -492,18 +836,22 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
                 if let (Some(d), true) = (disconnect, self.conn.protocol().is_v5()) {
                     self.write(Packet::Disconnect(d));
                 }
-                break true;
+                break Drained::Closed;
             }
             if taken < OUTBOX_BATCH {
                 if taken <= 4 {
                     // Light traffic: keep no batch memory on an idle connection.
                     batch = Vec::new();
                 }
-                break false;
+                break if moved {
+                    Drained::Moved
+                } else {
+                    Drained::Nothing
+                };
             }
         };
         self.batch = batch;
-        closed
+        result
     }
 
     fn violation(&mut self, v: Violation) {
@@ -551,24 +899,33 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
 
     /// Reports a status event of this connection to the rules.
     fn status_event(&self, kind: crate::StatusKind) {
-        let (Some(hooks), Some((client_id, channel_id))) =
-            (&self.shared.instances.hooks, &self.status)
-        else {
+        let (Some(hooks), Some(x)) = (&self.shared.instances.hooks, &self.extra) else {
+            return;
+        };
+        let Some((client_id, channel_id)) = &x.status else {
             return;
         };
         hooks.status(crate::StatusEvent {
-            instance: self.instance.clone(),
-            client_id: client_id.clone(),
-            channel_id: channel_id.clone(),
+            instance: x.instance.clone(),
+            client_id: client_id.to_string(),
+            channel_id: crate::hooks::channel_id_hex(*channel_id),
             kind,
             time_ms: ferry_meta::now_ms(),
-            client_ip: self.peer.to_string(),
+            client_ip: x.peer.to_string(),
         });
     }
 
     /// Tells the router if it still knows us, flushes what is left, and closes gracefully.
-    async fn finish<R: AsyncRead + Unpin>(mut self, end: End, mut rd: R) {
-        debug!(?end, peer = %self.peer, "connection closing");
+    async fn finish(mut self, end: End) {
+        debug!(?end, "connection closing");
+        // A CONNECT the router is still deciding on: wait for the verdict, so that a
+        // connection the router registered is also unregistered.
+        if let Some(step) = self.pending.take() {
+            if let Resumed::Connected(c) = step.await {
+                self.registered = true;
+                self.router = Some(c.router);
+            }
+        }
         self.status_event(crate::StatusKind::TcpClean);
         if let (true, false, Some(router)) =
             (self.registered, matches!(end, End::ByRouter), &self.router)
@@ -576,17 +933,17 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
             let _ = router.send(RouterMsg::Lost { conn: self.id }).await;
         }
         if !matches!(end, End::Io) {
-            let wr = &mut self.wr;
+            let io = &mut self.io;
             let wbuf = &mut self.wbuf;
             let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
-                wr.write_all_buf(wbuf).await?;
-                wr.shutdown().await
+                io.write_all_buf(wbuf).await?;
+                io.shutdown().await
             })
             .await;
             // Discard what the client still sends until it closes too (or LINGER passes).
             let mut sink = [0u8; 1024];
             let _ = tokio::time::timeout(LINGER, async {
-                while let Ok(n) = rd.read(&mut sink).await {
+                while let Ok(n) = io.read(&mut sink).await {
                     if n == 0 {
                         break;
                     }
@@ -598,5 +955,21 @@ impl<W: AsyncWrite + Unpin> Driver<W> {
             .metrics
             .connections
             .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// An idle connection is mostly this future (inside tokio's task cell, which is a multiple
+    /// of 128 bytes): keep it from growing back unnoticed.
+    #[test]
+    fn the_connection_task_stays_small() {
+        let size = std::mem::size_of::<super::ConnTask<tokio::net::TcpStream>>();
+        eprintln!(
+            "ConnTask<TcpStream>: {size} bytes; Driver: {}; Connection: {}",
+            std::mem::size_of::<super::Driver<tokio::net::TcpStream>>(),
+            std::mem::size_of::<ferry_core::Connection>()
+        );
+        assert!(size <= 480, "ConnTask<TcpStream> is {size} bytes");
     }
 }

@@ -60,8 +60,52 @@ pub trait Hooks: Send + Sync + 'static {
     fn outflow(&self, instance: &str, messages: Vec<Outflow>) -> HookFuture;
 }
 
-/// A fresh channel id: 32 lowercase hex characters.
-pub fn new_channel_id() -> String {
-    let raw: [u8; 16] = ferry_meta::random_bytes();
-    raw.iter().map(|b| format!("{b:02x}")).collect()
+/// A fresh channel id, unique within this process (and, being keyed by a random value drawn at
+/// start, across restarts with overwhelming probability): no system call per connection.
+pub(crate) fn new_channel_id() -> u128 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static KEY: OnceLock<[u64; 2]> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let key = KEY.get_or_init(|| {
+        let raw: [u8; 16] = ferry_meta::random_bytes();
+        let (a, b) = raw.split_at(8);
+        [
+            u64::from_le_bytes(a.try_into().expect("8 bytes")),
+            u64::from_le_bytes(b.try_into().expect("8 bytes")),
+        ]
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // splitmix64's finaliser is a bijection, so distinct counters give distinct low halves.
+    let hi = mix(key[0].wrapping_add(n));
+    let lo = mix(key[1] ^ n);
+    (u128::from(hi) << 64) | u128::from(lo)
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A channel id as the status events carry it: 32 lowercase hex characters.
+pub(crate) fn channel_id_hex(id: u128) -> String {
+    format!("{id:032x}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn channel_ids_are_unique_and_32_hex() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let hex = super::channel_id_hex(super::new_channel_id());
+            assert_eq!(hex.len(), 32);
+            assert!(hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+            assert!(seen.insert(hex));
+        }
+    }
 }

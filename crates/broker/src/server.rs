@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{info, info_span, warn};
 
 /// Everything the runtime needs to serve MQTT.
 #[derive(Clone, Debug)]
@@ -250,14 +250,8 @@ async fn accept_loop(
         next_id += 1;
         shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", id, %peer, client_id = tracing::field::Empty);
-        let shared = shared.clone();
-        let stop = stop.clone();
-        tokio::spawn(
-            async move {
-                connection::run(stream, peer, id, shared, stop).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        let task =
+            connection::ConnTask::new(stream, peer, id, shared.clone(), stop.clone(), permit, span);
+        tokio::spawn(task);
     }
 }

@@ -48,3 +48,41 @@ async fn a_second_connection_with_the_same_client_id_takes_over() {
     common::assert_serves(&server).await;
     server.shutdown().await;
 }
+
+/// A client may send packets right behind its CONNECT, in the same TCP segment: the CONNACK
+/// must still be the first packet it gets back (a PINGRESP answered by the connection itself
+/// once overtook the CONNACK that the router queued).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_pipelined_behind_connect_are_answered_after_the_connack() {
+    use common::{connect_packet, encode, subscribe};
+    use ferry_codec::{Packet, QoS};
+    let server = start(|_| {}).await;
+    let addr = server.local_addr();
+    for protocol in [Protocol::V3_1_1, Protocol::V5] {
+        let mut client = Client::tcp(addr, protocol, "pipelined").await;
+        let mut bytes = encode(&connect_packet(protocol, &cid("pipe"), 30), protocol);
+        bytes.extend(encode(&Packet::PingReq, protocol));
+        bytes.extend(encode(&subscribe(7, "pipe/t", QoS::AtLeastOnce), protocol));
+        bytes.extend(encode(&Packet::PingReq, protocol));
+        client.send_raw(&bytes).await;
+        let got: Vec<Packet> = [
+            client.recv().await,
+            client.recv().await,
+            client.recv().await,
+            client.recv().await,
+        ]
+        .into();
+        assert!(
+            matches!(&got[0], Packet::ConnAck(a) if a.code == ReasonCode::SUCCESS),
+            "{protocol:?}: first answer {:?}",
+            got[0]
+        );
+        let pings = got.iter().filter(|p| matches!(p, Packet::PingResp)).count();
+        let subacks = got
+            .iter()
+            .filter(|p| matches!(p, Packet::SubAck(_)))
+            .count();
+        assert_eq!((pings, subacks), (2, 1), "{protocol:?}: {got:?}");
+    }
+    server.shutdown().await;
+}

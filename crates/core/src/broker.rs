@@ -8,7 +8,7 @@
 //! What is per connection rather than per session (keep-alive, topic aliases, the inbound
 //! receive maximum) lives in [`crate::conn::Connection`], next to the socket.
 
-use crate::acl::{Acl, Action, Permissions, TopicPolicy};
+use crate::acl::{Acl, Action, Grant, Permissions, TopicPolicy};
 use crate::hash::{HashMap, HashSet};
 use crate::message::{Message, Outflow, SharedMessage};
 use crate::offline::{EvictRequest, OfflineIndex};
@@ -25,6 +25,7 @@ use ferry_codec::{
 };
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -138,10 +139,32 @@ struct ConnState {
     zero_expiry_at_connect: bool,
     clean_start: bool,
     problem_info: bool,
-    permissions: Permissions,
-    peer: Option<String>,
+    /// What the client's credentials allow; `None` is everything (most clients), without two
+    /// grants inline in every connection.
+    permissions: Option<Box<Permissions>>,
+    peer: Option<SocketAddr>,
     /// When the core last handled a packet from this connection.
     last_activity: Instant,
+}
+
+/// Everything allowed: what a connection without its own permissions gets.
+static FULL: Permissions = Permissions {
+    publish: Grant::All,
+    subscribe: Grant::All,
+};
+
+fn boxed_unless_full(permissions: Permissions) -> Option<Box<Permissions>> {
+    let full = matches!(
+        (&permissions.publish, &permissions.subscribe),
+        (Grant::All, Grant::All)
+    );
+    (!full).then(|| Box::new(permissions))
+}
+
+impl ConnState {
+    fn permissions(&self) -> &Permissions {
+        self.permissions.as_deref().unwrap_or(&FULL)
+    }
 }
 
 /// What the runtime learned about a client before its CONNECT reaches the core.
@@ -150,7 +173,7 @@ pub struct ClientGrant {
     /// What the client's credentials allow (on top of the ACL).
     pub permissions: Permissions,
     /// The peer address, for queries.
-    pub peer: Option<String>,
+    pub peer: Option<SocketAddr>,
 }
 
 /// A session as the management API sees it.
@@ -533,7 +556,7 @@ impl Broker {
                 zero_expiry_at_connect: requested_expiry == 0,
                 clean_start: connect.clean_start,
                 problem_info: connect.properties.request_problem_information != Some(0),
-                permissions: grant.permissions,
+                permissions: boxed_unless_full(grant.permissions),
                 peer: grant.peer,
                 last_activity: now,
             }),
@@ -849,7 +872,7 @@ impl Broker {
         let allowed = self
             .acl
             .check(state.user.as_deref(), Action::Publish, &publish.topic)
-            && state.permissions.publish.allows(&publish.topic)
+            && state.permissions().publish.allows(&publish.topic)
             && self.policy_allows(&publish.topic, false);
         let qos = publish.qos;
         let packet_id = publish.packet_id;
@@ -1248,7 +1271,7 @@ impl Broker {
                 );
             }
             let permitted = self.conns[&conn]
-                .permissions
+                .permissions()
                 .subscribe
                 .allows(parsed.filter);
             if !self
@@ -1781,7 +1804,7 @@ impl Broker {
     /// Replaces a connection's permissions (a token uploaded on `$SYS/uploadToken`).
     pub fn set_permissions(&mut self, conn: ConnId, permissions: Permissions) {
         if let Some(state) = self.conns.get_mut(&conn) {
-            state.permissions = permissions;
+            state.permissions = boxed_unless_full(permissions);
         }
     }
 
@@ -1818,7 +1841,7 @@ impl Broker {
         Some(ClientInfo {
             client_id: session.client_id.to_string(),
             online: conn.is_some(),
-            peer: conn.and_then(|c| c.peer.clone()),
+            peer: conn.and_then(|c| c.peer.map(|p| p.to_string())),
             protocol: conn.map(|c| c.protocol),
             last_activity: conn.map(|c| c.last_activity).or(session.disconnected_at),
             subscriptions,

@@ -39,6 +39,13 @@ enum Phase {
     Connected,
 }
 
+/// Topic aliases in force on a connection, in both directions.
+#[derive(Debug, Default)]
+struct Aliases {
+    inbound: HashMap<u16, ByteStr>,
+    outbound: HashMap<ByteStr, u16>,
+}
+
 #[derive(Debug)]
 pub struct Connection {
     phase: Phase,
@@ -52,9 +59,9 @@ pub struct Connection {
     /// whether a successful PUBREC went out for it.
     unacked_inbound: HashMap<u16, bool>,
     alias_in_max: u16,
-    alias_in: HashMap<u16, ByteStr>,
     alias_out_max: u16,
-    alias_out: HashMap<ByteStr, u16>,
+    /// Allocated when the first topic alias is used (most connections never use one).
+    aliases: Option<Box<Aliases>>,
     /// The client's maximum packet size: a new outbound alias must not push a packet over it.
     client_max_packet_size: u32,
 }
@@ -78,9 +85,8 @@ impl Connection {
             receive_maximum,
             unacked_inbound: HashMap::default(),
             alias_in_max: topic_alias_maximum,
-            alias_in: HashMap::default(),
             alias_out_max: 0,
-            alias_out: HashMap::default(),
+            aliases: None,
             client_max_packet_size: u32::MAX,
         }
     }
@@ -136,7 +142,7 @@ impl Connection {
                         ));
                     }
                     if p.topic.is_empty() {
-                        match self.alias_in.get(&alias) {
+                        match self.aliases.as_ref().and_then(|a| a.inbound.get(&alias)) {
                             Some(topic) => p.topic = topic.clone(),
                             None => {
                                 return Err(violation(
@@ -146,7 +152,8 @@ impl Connection {
                             }
                         }
                     } else {
-                        self.alias_in.insert(alias, p.topic.clone());
+                        let aliases = self.aliases.get_or_insert_with(Default::default);
+                        aliases.inbound.insert(alias, p.topic.clone());
                     }
                 } else if p.topic.is_empty() && self.protocol.is_v5() {
                     return Err(violation(
@@ -196,17 +203,19 @@ impl Connection {
     pub fn on_outbound(&mut self, packet: &mut Packet) {
         match packet {
             Packet::Publish(p) if self.alias_out_max > 0 => {
-                if let Some(&alias) = self.alias_out.get(&p.topic) {
+                let outbound = &self.aliases.get_or_insert_with(Default::default).outbound;
+                if let Some(&alias) = outbound.get(&p.topic) {
                     p.properties.make_mut().topic_alias = Some(alias);
                     p.topic = ByteStr::new();
-                } else if self.alias_out.len() < usize::from(self.alias_out_max) {
-                    let alias = self.alias_out.len() as u16 + 1;
+                } else if outbound.len() < usize::from(self.alias_out_max) {
+                    let alias = outbound.len() as u16 + 1;
                     p.properties.make_mut().topic_alias = Some(alias);
                     if self.fits(packet) {
                         let Packet::Publish(p) = packet else {
                             unreachable!()
                         };
-                        self.alias_out.insert(p.topic.clone(), alias);
+                        let aliases = self.aliases.get_or_insert_with(Default::default);
+                        aliases.outbound.insert(p.topic.clone(), alias);
                     } else if let Packet::Publish(p) = packet {
                         if let Some(props) = p.properties.get_mut() {
                             props.topic_alias = None;

@@ -66,6 +66,53 @@ pub struct PendingWill {
     pub at: Instant,
 }
 
+/// A set of packet ids that is one null pointer until the first id arrives (most sessions
+/// never receive QoS 2).
+#[derive(Debug, Clone, Default)]
+pub struct PacketIds(Option<Box<HashSet<u16>>>);
+
+impl PacketIds {
+    pub fn contains(&self, id: &u16) -> bool {
+        self.0.as_ref().is_some_and(|s| s.contains(id))
+    }
+
+    /// True if `id` was not in the set.
+    pub fn insert(&mut self, id: u16) -> bool {
+        self.0.get_or_insert_with(Default::default).insert(id)
+    }
+
+    /// True if `id` was in the set; the set's memory goes once it is empty.
+    pub fn remove(&mut self, id: &u16) -> bool {
+        let Some(set) = &mut self.0 else {
+            return false;
+        };
+        let removed = set.remove(id);
+        if set.is_empty() {
+            self.0 = None;
+        }
+        removed
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &u16> {
+        self.0.iter().flat_map(|s| s.iter())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |s| s.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl FromIterator<u16> for PacketIds {
+    fn from_iter<I: IntoIterator<Item = u16>>(iter: I) -> Self {
+        let set: HashSet<u16> = iter.into_iter().collect();
+        PacketIds((!set.is_empty()).then(|| Box::new(set)))
+    }
+}
+
 #[derive(Debug)]
 pub struct Session {
     pub id: SessionId,
@@ -79,7 +126,7 @@ pub struct Session {
     /// Waiting for room in the inflight window (or for the client to come back).
     pub pending: VecDeque<Delivery>,
     /// QoS 2 packet ids received (PUBREC sent) and not yet released by PUBREL.
-    pub incoming_qos2: HashSet<u16>,
+    pub incoming_qos2: PacketIds,
     next_packet_id: u16,
     /// Whether an id in flight may have been allocated before the counter last wrapped (or
     /// came from the store): only then must a new id be checked against those in flight.
@@ -123,7 +170,7 @@ impl Session {
             subscriptions: HashMap::default(),
             inflight: VecDeque::new(),
             pending: VecDeque::new(),
-            incoming_qos2: HashSet::default(),
+            incoming_qos2: PacketIds::default(),
             next_packet_id: 1,
             ids_may_repeat: false,
             expiry_interval: 0,

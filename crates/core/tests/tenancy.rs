@@ -27,7 +27,10 @@ fn connect_with(
 ) {
     let grant = ClientGrant {
         permissions: perms,
-        peer: Some(format!("127.0.0.1:{}", 40000 + conn)),
+        peer: Some(std::net::SocketAddr::from((
+            [127, 0, 0, 1],
+            40000 + conn as u16,
+        ))),
     };
     assert!(b.connect_with(conn, connect, grant, t).is_some());
     drain(b);
@@ -198,7 +201,7 @@ fn kick_and_queries() {
     let mut b = broker();
     let grant = ClientGrant {
         permissions: Permissions::full(),
-        peer: Some("127.0.0.1:5555".into()),
+        peer: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 5555))),
     };
     assert!(b.connect_with(1, v5("GID_test@@@d1"), grant, t0).is_some());
     b.handle(1, subscribe(1, "x/#", QoS::AtLeastOnce), at(t0, 2));
