@@ -702,6 +702,7 @@ async fn publisher(
         &shared,
         &mut client,
         spec,
+        phase(spec, index),
         plan.common.protocol,
         plan.common.timeout,
         topic,
@@ -711,13 +712,28 @@ async fn publisher(
     close(&shared, client, result).await;
 }
 
-/// Publishes by count, duration and rate, keeping the write buffer topped up to
-/// [`WRITE_BATCH`] bytes and, at QoS 1/2, at most `inflight` messages unacknowledged; then
-/// waits for the last acknowledgements.
+/// When paced publisher `index` sends its first message, after the start: the publishers
+/// spread evenly over one interval, so N publishers at r messages per second offer a steady
+/// N·r per second, not bursts of N every 1/r seconds. Zero without a rate.
+fn phase(spec: &PubSpec, index: u64) -> Duration {
+    match spec.rate {
+        Some(rate) if spec.clients > 1 => {
+            Duration::from_secs_f64((index % spec.clients) as f64 / spec.clients as f64 / rate)
+        }
+        _ => Duration::ZERO,
+    }
+}
+
+/// Publishes by count, duration and rate (the first message `phase` after the start, then one
+/// every 1/rate on a fixed schedule: a late message does not shift the ones after it), keeping
+/// the write buffer topped up to [`WRITE_BATCH`] bytes and, at QoS 1/2, at most `inflight`
+/// messages unacknowledged; then waits for the last acknowledgements.
+#[allow(clippy::too_many_arguments)]
 async fn publish(
     shared: &Shared,
     client: &mut Client,
     spec: &PubSpec,
+    phase: Duration,
     protocol: Protocol,
     timeout: Duration,
     topic: String,
@@ -732,7 +748,7 @@ async fn publish(
     let count = spec.count.unwrap_or(u64::MAX);
     let end = spec.duration.map(|d| Instant::now() + d);
     let interval = spec.rate.map(|r| Duration::from_secs_f64(1.0 / r));
-    let mut due = Instant::now();
+    let mut due = Instant::now() + phase;
     // Every message is this packet with its own packet id; the timestamp is written into the
     // encoded bytes afterwards, so no payload is built per message.
     let mut packet = Packet::Publish(Publish {
@@ -1082,6 +1098,28 @@ mod tests {
         assert!(!ids.release(1));
         assert_eq!(ids.in_use, 2);
         assert!(!PacketIds::new(false).release(7));
+    }
+
+    #[test]
+    fn paced_publishers_spread_over_one_interval() {
+        let spec = |clients, rate| PubSpec {
+            clients,
+            topic: "t".into(),
+            qos: QoS::AtMostOnce,
+            size: 64,
+            count: Some(1),
+            duration: None,
+            rate,
+            inflight: 1,
+            retain: false,
+        };
+        // 4 publishers at 8/s: one every 31.25 ms, over the first 125 ms.
+        let four = spec(4, Some(8.0));
+        let phases: Vec<Duration> = (0..4).map(|i| phase(&four, i)).collect();
+        let expected = [0, 31_250, 62_500, 93_750].map(Duration::from_micros);
+        assert_eq!(phases, expected.to_vec());
+        assert_eq!(phase(&spec(1, Some(8.0)), 0), Duration::ZERO);
+        assert_eq!(phase(&spec(4, None), 3), Duration::ZERO);
     }
 
     #[test]
