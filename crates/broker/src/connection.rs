@@ -91,7 +91,7 @@ enum Resumed {
 struct Connected {
     accepted: Accepted,
     router: mpsc::Sender<RouterMsg>,
-    instance: String,
+    instance: Arc<str>,
     tokens: Vec<HeldToken>,
 }
 
@@ -105,7 +105,7 @@ struct Handshake {
 /// What only some connections need once connected (status events, Token mode), behind one
 /// pointer.
 struct Extra {
-    instance: String,
+    instance: Arc<str>,
     peer: SocketAddr,
     /// For status events (§5): the client id and this connection's channel id.
     status: Option<(ByteStr, u128)>,
@@ -565,7 +565,11 @@ where
                     tokens,
                 } = *c;
                 tracing::Span::current().record("client_id", accepted.client_id.as_str());
-                debug!(keep_alive = accepted.keep_alive, instance, "connected");
+                debug!(
+                    keep_alive = accepted.keep_alive,
+                    instance = &*instance,
+                    "connected"
+                );
                 self.conn.accepted(accepted.keep_alive);
                 self.registered = true;
                 let peer = self.handshake.take().map(|h| h.peer);
@@ -643,7 +647,7 @@ where
             }
         };
         shared.failed_logins.record_success(ip);
-        let (router, limits) = match shared.instances.router(&instance) {
+        let (router, limits, instance) = match shared.instances.router(&instance) {
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, "instance unavailable");
@@ -905,8 +909,11 @@ where
         let Some((client_id, channel_id)) = &x.status else {
             return;
         };
+        if !hooks.wants_status(&x.instance, client_id.as_str()) {
+            return;
+        }
         hooks.status(crate::StatusEvent {
-            instance: x.instance.clone(),
+            instance: x.instance.to_string(),
             client_id: client_id.to_string(),
             channel_id: crate::hooks::channel_id_hex(*channel_id),
             kind,

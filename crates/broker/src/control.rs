@@ -71,7 +71,7 @@ impl Control {
         instance: &str,
         f: impl FnOnce(&mut Broker, Instant) -> T + Send + 'static,
     ) -> Result<T, ControlError> {
-        let (tx, _) = self.instances.router(instance)?;
+        let (tx, ..) = self.instances.router(instance)?;
         let (reply, answer) = oneshot::channel();
         let op = Box::new(move |b: &mut Broker, now: Instant| {
             let _ = reply.send(f(b, now));
@@ -185,7 +185,7 @@ impl Control {
 
     /// Answers once what the instance's core stored so far is durable.
     async fn barrier(&self, instance: &str) -> Result<(), ControlError> {
-        let (tx, _) = self.instances.router(instance)?;
+        let (tx, ..) = self.instances.router(instance)?;
         let (done, answer) = oneshot::channel();
         tx.send(RouterMsg::Barrier { done })
             .await

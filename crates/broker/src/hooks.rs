@@ -50,6 +50,13 @@ pub trait Hooks: Send + Sync + 'static {
     /// A status event. Must not block: queue it and return.
     fn status(&self, event: StatusEvent);
 
+    /// Whether a status event of this client would be used: when not, the broker does not
+    /// build it (every connect and disconnect asks).
+    fn wants_status(&self, instance: &str, client_id: &str) -> bool {
+        let _ = (instance, client_id);
+        true
+    }
+
     /// The parent topics of `instance` whose client publishes go to the queue.
     fn outflow_parents(&self, instance: &str) -> Vec<String>;
 

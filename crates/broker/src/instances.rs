@@ -50,6 +50,9 @@ pub fn instance_limits(base: &Limits, s: &InstanceSettings) -> Limits {
     }
 }
 
+/// An instance's router, its limits, and its id (shared, not copied per connection).
+pub(crate) type Route = (mpsc::Sender<RouterMsg>, Limits, Arc<str>);
+
 pub(crate) struct Instances {
     pub meta: Arc<Meta>,
     /// Where clients without a cloud user name land; it cannot be deleted.
@@ -58,7 +61,8 @@ pub(crate) struct Instances {
     acl: Acl,
     router_queue: usize,
     pub metrics: Arc<Metrics>,
-    routers: Mutex<HashMap<String, (mpsc::Sender<RouterMsg>, Limits)>>,
+    /// Per instance: its router, its limits, and its id as the connections keep it.
+    routers: Mutex<HashMap<String, Route>>,
     persistence: Option<Arc<Persistence>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The rules' view of the MQTT side, if rules run.
@@ -92,11 +96,11 @@ impl Instances {
     }
 
     /// The router of `instance` and its limits, started on first use.
-    pub fn router(&self, instance: &str) -> Result<(mpsc::Sender<RouterMsg>, Limits), MetaError> {
+    pub fn router(&self, instance: &str) -> Result<Route, MetaError> {
         let mut routers = self.routers.lock().expect("instances lock");
-        if let Some((tx, limits)) = routers.get(instance) {
+        if let Some((tx, limits, id)) = routers.get(instance) {
             if !tx.is_closed() {
-                return Ok((tx.clone(), limits.clone()));
+                return Ok((tx.clone(), limits.clone(), id.clone()));
             }
         }
         let info = self.meta.instance(instance)?;
@@ -149,8 +153,12 @@ impl Instances {
             },
         ));
         self.tasks.lock().expect("instances lock").push(task);
-        routers.insert(instance.to_string(), (tx.clone(), limits.clone()));
-        Ok((tx, limits))
+        let id: Arc<str> = instance.into();
+        routers.insert(
+            instance.to_string(),
+            (tx.clone(), limits.clone(), id.clone()),
+        );
+        Ok((tx, limits, id))
     }
 
     /// Stops one instance's router (after the instance was deleted): its clients are
@@ -161,7 +169,7 @@ impl Instances {
             .lock()
             .expect("instances lock")
             .remove(instance)
-            .map(|(tx, _)| tx);
+            .map(|(tx, ..)| tx);
         if let Some(tx) = router {
             let (done, wait) = oneshot::channel();
             if tx.send(RouterMsg::Shutdown { done }).await.is_ok() {
@@ -177,7 +185,7 @@ impl Instances {
             .lock()
             .expect("instances lock")
             .drain()
-            .map(|(_, (tx, _))| tx)
+            .map(|(_, (tx, ..))| tx)
             .collect();
         for tx in routers {
             let (done, wait) = oneshot::channel();

@@ -313,14 +313,17 @@ impl Rules {
 }
 
 impl Hooks for Rules {
-    fn status(&self, event: StatusEvent) {
-        let Some(group) = mapping::group_of(&event.client_id) else {
-            return;
+    fn wants_status(&self, instance: &str, client_id: &str) -> bool {
+        let Some(group) = mapping::group_of(client_id) else {
+            return false;
         };
-        let wanted = self
-            .snapshot()
+        self.snapshot()
             .status
-            .contains_key(&(event.instance.clone(), group.to_string()));
+            .contains_key(&(instance.to_string(), group.to_string()))
+    }
+
+    fn status(&self, event: StatusEvent) {
+        let wanted = self.wants_status(&event.instance, &event.client_id);
         if wanted && self.status_tx.try_send(event).is_err() {
             let n = self.stats.status_dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
