@@ -655,7 +655,7 @@ where
             }
         };
         self.conn.set_max_packet_size(limits.max_packet_size);
-        let (reply, verdict) = oneshot::channel();
+        let (reply, answer) = oneshot::channel();
         let msg = RouterMsg::Connect {
             conn: self.id,
             connect,
@@ -666,21 +666,32 @@ where
             outbox: self.outbox.clone(),
             reply,
         };
-        self.pending = Some(Box::pin(async move {
-            if router.send(msg).await.is_err() {
-                return Resumed::Closed;
-            }
-            match verdict.await {
-                Ok(Some(accepted)) => Resumed::Connected(Box::new(Connected {
-                    accepted,
-                    router,
-                    instance,
-                    tokens,
-                })),
-                Ok(None) => Resumed::Refused,
-                Err(_) => Resumed::Closed,
-            }
-        }));
+        // Mostly the router's channel has room: then only the wait for the verdict is boxed
+        // (small), not a send's state too (many connections are at this step during a ramp).
+        let full = match router.try_send(msg) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(msg)) => Some(msg),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Some(End::Shutdown),
+        };
+        let verdict = move |v: Result<Option<Accepted>, _>, router| match v {
+            Ok(Some(accepted)) => Resumed::Connected(Box::new(Connected {
+                accepted,
+                router,
+                instance,
+                tokens,
+            })),
+            Ok(None) => Resumed::Refused,
+            Err(_) => Resumed::Closed,
+        };
+        self.pending = Some(match full {
+            None => Box::pin(async move { verdict(answer.await, router) }),
+            Some(msg) => Box::pin(async move {
+                if router.send(msg).await.is_err() {
+                    return Resumed::Closed;
+                }
+                verdict(answer.await, router)
+            }),
+        });
         None
     }
 

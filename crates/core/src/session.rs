@@ -6,7 +6,9 @@ use crate::hash::{HashMap, HashSet};
 use crate::message::{Message, SharedMessage};
 use crate::trie::{SessionId, Subscription};
 use ferry_codec::{ByteStr, QoS};
+use hashbrown::HashTable;
 use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -258,7 +260,17 @@ pub struct MemorySessions {
     /// Boxed: a session is a few hundred bytes, and a table of them inline would carry up to
     /// twice that per session in free slots.
     by_id: HashMap<SessionId, Box<Session>>,
-    by_client: HashMap<ByteStr, SessionId>,
+    /// Session ids by client id. The table holds only the ids (8-byte slots) and compares
+    /// client ids through `by_id`, instead of a second handle on every client id (40-byte
+    /// slots, up to twice over in a growing table). Invariant: every id in it is in `by_id`.
+    by_client: HashTable<SessionId>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl MemorySessions {
+    fn hash(&self, client_id: &str) -> u64 {
+        self.hasher.hash_one(client_id)
+    }
 }
 
 impl SessionRegistry for MemorySessions {
@@ -269,16 +281,34 @@ impl SessionRegistry for MemorySessions {
         self.by_id.get_mut(&id).map(|s| &mut **s)
     }
     fn find(&self, client_id: &str) -> Option<SessionId> {
-        self.by_client.get(client_id).copied()
+        let by_id = &self.by_id;
+        let same = |sid: &SessionId| by_id.get(sid).is_some_and(|s| s.client_id == client_id);
+        self.by_client.find(self.hash(client_id), same).copied()
     }
     fn insert(&mut self, session: Session) {
-        self.by_client.insert(session.client_id.clone(), session.id);
+        let hash = self.hash(session.client_id.as_str());
+        let (by_id, hasher) = (&self.by_id, &self.hasher);
+        let client_id = session.client_id.as_str();
+        let same = |sid: &SessionId| by_id.get(sid).is_some_and(|s| s.client_id == client_id);
+        match self.by_client.find_mut(hash, same) {
+            // A new session for a client id that had one: the id now names the new one.
+            Some(slot) => *slot = session.id,
+            None => {
+                let rehash = |sid: &SessionId| {
+                    by_id
+                        .get(sid)
+                        .map_or(0, |s| hasher.hash_one(s.client_id.as_str()))
+                };
+                self.by_client.insert_unique(hash, session.id, rehash);
+            }
+        }
         self.by_id.insert(session.id, Box::new(session));
     }
     fn remove(&mut self, id: SessionId) -> Option<Session> {
         let s = self.by_id.remove(&id)?;
-        if self.by_client.get(&s.client_id) == Some(&id) {
-            self.by_client.remove(&s.client_id);
+        let hash = self.hash(s.client_id.as_str());
+        if let Ok(entry) = self.by_client.find_entry(hash, |&sid| sid == id) {
+            entry.remove();
         }
         Some(*s)
     }
@@ -286,7 +316,8 @@ impl SessionRegistry for MemorySessions {
         self.by_id.len()
     }
     fn client_ids(&self) -> Vec<String> {
-        self.by_client.keys().map(|k| k.to_string()).collect()
+        let sessions = self.by_client.iter().filter_map(|sid| self.by_id.get(sid));
+        sessions.map(|s| s.client_id.to_string()).collect()
     }
 }
 
@@ -296,6 +327,41 @@ mod tests {
     use crate::message::Message;
     use ferry_codec::QoS;
     use std::sync::Arc;
+
+    #[test]
+    fn sessions_are_found_by_client_id_across_growth_takeover_and_removal() {
+        let mut reg = MemorySessions::default();
+        for i in 0..5_000u64 {
+            reg.insert(Session::new(
+                i,
+                ByteStr::from(format!("client-{i}").as_str()),
+            ));
+        }
+        assert_eq!(reg.len(), 5_000);
+        for i in (0..5_000u64).step_by(7) {
+            assert_eq!(reg.find(&format!("client-{i}")), Some(i));
+        }
+        assert_eq!(reg.find("client-5000"), None);
+        // A new session for a client id that had one takes the name over; removing the old
+        // one leaves the new one findable; removing the new one forgets the name.
+        reg.insert(Session::new(9_000, ByteStr::from("client-3")));
+        assert_eq!(reg.find("client-3"), Some(9_000));
+        assert!(reg.remove(3).is_some());
+        assert_eq!(reg.find("client-3"), Some(9_000));
+        assert!(reg.remove(9_000).is_some());
+        assert_eq!(reg.find("client-3"), None);
+        assert!(reg.remove(9_000).is_none());
+        for i in (0..5_000u64).filter(|i| i % 2 == 0) {
+            assert!(reg.remove(i).is_some());
+        }
+        assert_eq!(reg.find("client-4"), None);
+        assert_eq!(reg.find("client-5"), Some(5));
+        let mut ids = reg.client_ids();
+        ids.sort();
+        // The odd ids but 3.
+        assert_eq!(ids.len(), 2_499);
+        assert!(ids.contains(&"client-4999".to_string()));
+    }
 
     fn inflight(packet_id: u16) -> Inflight {
         let msg = Arc::new(Message {
