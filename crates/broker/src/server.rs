@@ -228,6 +228,8 @@ impl Server {
 /// `net.core.somaxconn`). Mosquitto gets by with 100 because it accepts between every batch of
 /// events; a burst of clients connecting at once needs more room here.
 const LISTEN_BACKLOG: u32 = 4096;
+/// Connections accepted in a row before the accept loop lets other tasks run.
+const ACCEPT_BURST: u64 = 1024;
 
 /// Binds the MQTT listener (address reuse on, as for any server that restarts).
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -250,7 +252,16 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut next_id: u64 = 1;
+    let mut burst = ACCEPT_BURST;
     loop {
+        // Outside the cooperative budget, a never-ending flood of connections (admitted or
+        // refused) would keep this loop from ever giving the worker back: it yields every
+        // ACCEPT_BURST turns.
+        burst -= 1;
+        if burst == 0 {
+            burst = ACCEPT_BURST;
+            tokio::task::yield_now().await;
+        }
         let (stream, peer) = tokio::select! {
             res = listener.accept() => match res {
                 Ok(x) => x,
