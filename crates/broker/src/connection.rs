@@ -112,7 +112,8 @@ struct Extra {
     tokens: Option<Box<Tokens>>,
 }
 
-/// A Token-mode connection's tokens.
+/// A Token-mode connection's tokens: made with at least one, and an upload only adds or
+/// replaces, so never empty.
 struct Tokens {
     /// Re-checked every second.
     held: Vec<HeldToken>,
@@ -418,17 +419,10 @@ where
 
     /// The earliest protocol or token-check deadline.
     fn deadline(&mut self) -> Option<Instant> {
-        let token_check = match self.extra.as_mut().and_then(|x| x.tokens.as_mut()) {
-            Some(t) if !t.held.is_empty() => Some(
-                *t.next_check
-                    .get_or_insert_with(|| Instant::now() + TOKEN_CHECK),
-            ),
-            Some(t) => {
-                t.next_check = None;
-                None
-            }
-            None => None,
-        };
+        let token_check = self.tokens().map(|t| {
+            *t.next_check
+                .get_or_insert_with(|| Instant::now() + TOKEN_CHECK)
+        });
         match (self.conn.poll_timeout(), token_check) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -538,8 +532,7 @@ where
     }
 
     fn has_tokens(&self) -> bool {
-        let tokens = self.extra.as_ref().and_then(|x| x.tokens.as_ref());
-        tokens.is_some_and(|t| !t.held.is_empty())
+        self.extra.as_ref().is_some_and(|x| x.tokens.is_some())
     }
 
     /// Whether `packet_id` is a QoS 2 `$SYS/uploadToken` answered here (then forgets it).

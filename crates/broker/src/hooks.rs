@@ -47,7 +47,8 @@ pub struct StatusEvent {
 
 /// What the broker reports to the rules.
 pub trait Hooks: Send + Sync + 'static {
-    /// A status event. Must not block: queue it and return.
+    /// A status event, one that [`Hooks::wants_status`] accepted. Must not block: queue it and
+    /// return.
     fn status(&self, event: StatusEvent);
 
     /// Whether a status event of this client would be used: when not, the broker does not

@@ -98,14 +98,6 @@ impl PacketIds {
     pub fn iter(&self) -> impl Iterator<Item = &u16> {
         self.0.iter().flat_map(|s| s.iter())
     }
-
-    pub fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |s| s.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_none()
-    }
 }
 
 impl FromIterator<u16> for PacketIds {

@@ -323,8 +323,9 @@ impl Hooks for Rules {
     }
 
     fn status(&self, event: StatusEvent) {
-        let wanted = self.wants_status(&event.instance, &event.client_id);
-        if wanted && self.status_tx.try_send(event).is_err() {
+        // The broker asked `wants_status` first; a rule removed since is skipped when the
+        // event is appended (`status_loop` looks the rule up again).
+        if self.status_tx.try_send(event).is_err() {
             let n = self.stats.status_dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
                 warn!(
