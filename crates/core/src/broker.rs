@@ -1021,8 +1021,10 @@ impl Broker {
         }
         // One copy per session for its ordinary subscriptions (§3.3.4), and a separate one for
         // each shared subscription it was picked for (§4.8.2).
-        if matches.len() > 1 {
-            matches.sort_unstable_by_key(|m| (m.session, m.shared));
+        // Subscribers of one filter come out sorted already (the common case costs one pass).
+        let key = |m: &Match| (m.session, m.shared);
+        if !matches.is_sorted_by_key(key) {
+            matches.sort_unstable_by_key(key);
         }
         let mut i = 0;
         while i < matches.len() {
@@ -1033,7 +1035,6 @@ impl Broker {
             let mut retain = false;
             let mut sub_ids = Vec::new();
             let mut any = false;
-            let client_id = self.sessions.get(sid).map(|s| s.client_id.clone());
             // Ordinary matches merge; each shared match stays alone (two groups picking the
             // same session give two copies).
             while j < matches.len()
@@ -1043,7 +1044,12 @@ impl Broker {
             {
                 let m = &matches[j];
                 j += 1;
-                if m.sub.options.no_local && !m.shared && client_id.as_ref() == Some(&msg.publisher)
+                if m.sub.options.no_local
+                    && !m.shared
+                    && self
+                        .sessions
+                        .get(sid)
+                        .is_some_and(|s| s.client_id == msg.publisher)
                 {
                     continue;
                 }

@@ -39,6 +39,7 @@ struct Node {
 
 #[derive(Default, Debug)]
 struct Leaf {
+    /// Sorted by session.
     subs: Vec<(SessionId, Subscription)>,
     shared: Vec<SharedGroup>,
 }
@@ -116,7 +117,22 @@ impl SubscriptionTree {
             .expect("a filter has at least one level")
             .get_or_insert_with(Default::default);
         let list = match share_group {
-            None => &mut leaf.subs,
+            None => {
+                // Kept sorted by session: a topic matching one filter yields its subscribers
+                // already in the order the broker merges them in (no sort per message).
+                let added = match leaf.subs.binary_search_by_key(&session, |(s, _)| *s) {
+                    Ok(i) => {
+                        leaf.subs[i].1 = sub;
+                        false
+                    }
+                    Err(i) => {
+                        leaf.subs.insert(i, (session, sub));
+                        true
+                    }
+                };
+                self.len += usize::from(added);
+                return added;
+            }
             Some(name) => {
                 let pos = match leaf.shared.iter().position(|g| &*g.name == name) {
                     Some(p) => p,
@@ -248,7 +264,13 @@ fn remove_leaf(
         return false;
     };
     let removed = match share_group {
-        None => remove_from(&mut leaf.subs, session),
+        None => match leaf.subs.binary_search_by_key(&session, |(s, _)| *s) {
+            Ok(i) => {
+                leaf.subs.remove(i);
+                true
+            }
+            Err(_) => false,
+        },
         Some(name) => match leaf.shared.iter().position(|g| &*g.name == name) {
             Some(p) => {
                 let removed = remove_from(&mut leaf.shared[p].members, session);
@@ -348,6 +370,24 @@ mod tests {
         assert!(!t.remove("a/+/c", None, 1));
         assert!(t.root.is_empty());
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn one_filter_yields_its_subscribers_sorted_by_session() {
+        let mut t = SubscriptionTree::new();
+        // Subscribed out of session order (clients connect and subscribe concurrently).
+        let order = [7u64, 3, 9, 1, 8, 2, 6, 4, 5];
+        for s in order {
+            assert!(t.insert("f/+", None, s, sub()));
+        }
+        assert!(!t.insert("f/+", None, 6, sub()), "a replacement is not new");
+        assert!(t.remove("f/+", None, 4));
+        assert!(!t.remove("f/+", None, 4));
+        let mut out = Vec::new();
+        t.matches("f/x", &|_| true, &mut out);
+        let ids: Vec<_> = out.iter().map(|m| m.session).collect();
+        assert_eq!(ids, vec![1, 2, 3, 5, 6, 7, 8, 9]);
+        assert_eq!(t.len(), 8);
     }
 
     #[test]
