@@ -13,7 +13,7 @@
 //! that never reads cannot make the server buffer its answers without bound.
 
 use crate::outbox::Outbox;
-use crate::router::RouterMsg;
+use crate::router::{Acks, RouterMsg};
 use crate::Shared;
 use bytes::{Buf, BytesMut};
 use ferry_codec::{
@@ -58,6 +58,8 @@ const TOKEN_CHECK: Duration = Duration::from_secs(1);
 const TOKEN_EXPIRY_NOTICE_MS: u64 = 5 * 60 * 1000;
 /// Packets taken from the outbox per lock.
 const OUTBOX_BATCH: usize = 64;
+/// The packet type of PUBACK (the high nibble of a frame's first byte).
+const PUBACK_TYPE: u8 = 4;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -446,10 +448,81 @@ where
     /// Decodes and handles every complete frame in the read buffer, until one starts an
     /// asynchronous step or the output backs up.
     fn process(&mut self, cx: &mut Context<'_>) -> Flow {
+        // PUBACKs in a row go to the router as one message (a subscriber acknowledges what one
+        // read brought it in one go), sent before anything else from this connection.
+        let mut acks = Acks::default();
+        let flow = self.process_frames(cx, &mut acks);
+        if acks.is_empty() {
+            return flow;
+        }
+        let sent = self.send_acks(cx, &mut acks);
+        match flow {
+            Flow::End(_) => flow,
+            _ => sent.unwrap_or(flow),
+        }
+    }
+
+    /// Sends the PUBACKs gathered so far, if any. `Some` if the connection must stop
+    /// processing: the router is gone, or the task used up its budget.
+    fn send_acks(&mut self, cx: &mut Context<'_>, acks: &mut Acks) -> Option<Flow> {
+        if acks.is_empty() {
+            return None;
+        }
+        let msg = RouterMsg::Acks {
+            conn: self.id,
+            ids: std::mem::take(acks),
+        };
+        self.send_to_router(cx, msg)
+    }
+
+    /// Queues `msg` for the router; if its queue is full, the send becomes the pending step.
+    /// `Some` if the connection must stop processing: the router is gone, or the task used up
+    /// its budget.
+    fn send_to_router(&mut self, cx: &mut Context<'_>, msg: RouterMsg) -> Option<Flow> {
+        debug_assert!(self.pending.is_none(), "one pending step at a time");
+        let Some(router) = &self.router else {
+            return Some(Flow::End(End::Shutdown));
+        };
+        match router.try_send(msg) {
+            // Counts against the task's cooperative budget as `send` would, so a fast
+            // publisher yields to the connections that write its messages out instead of
+            // flooding them.
+            Ok(()) => match tokio::task::coop::poll_proceed(cx) {
+                Poll::Ready(restore) => {
+                    restore.made_progress();
+                    None
+                }
+                Poll::Pending => Some(Flow::Yield),
+            },
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                let router = router.clone();
+                self.pending = Some(Box::pin(async move {
+                    match router.send(msg).await {
+                        Ok(()) => Resumed::Sent,
+                        Err(_) => Resumed::Closed,
+                    }
+                }));
+                None
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Some(Flow::End(End::Shutdown)),
+        }
+    }
+
+    fn process_frames(&mut self, cx: &mut Context<'_>, acks: &mut Acks) -> Flow {
         // One clock read per batch of frames, not per packet.
         let mut now = None;
         let mut handled = false;
         while self.pending.is_none() && self.wbuf.len() < WRITE_HIGH_WATER {
+            // Anything but a PUBACK keeps its place behind the PUBACKs before it: they go
+            // first (and if that has to wait, it waits in the read buffer).
+            if !acks.is_empty() && self.rbuf.first().is_some_and(|b| b >> 4 != PUBACK_TYPE) {
+                if let Some(flow) = self.send_acks(cx, acks) {
+                    return flow;
+                }
+                if self.pending.is_some() {
+                    break;
+                }
+            }
             let packet = match decode(
                 &mut self.rbuf,
                 self.conn.protocol(),
@@ -473,6 +546,14 @@ where
                 }
             };
             match inbound {
+                Inbound::Forward(Packet::PubAck(ack)) => {
+                    acks.push(ack.packet_id);
+                    if acks.is_full() {
+                        if let Some(flow) = self.send_acks(cx, acks) {
+                            return flow;
+                        }
+                    }
+                }
                 Inbound::Connect(connect) => {
                     if let Some(end) = self.on_connect(connect) {
                         return Flow::End(end);
@@ -496,29 +577,8 @@ where
                         conn: self.id,
                         packet,
                     };
-                    let Some(router) = &self.router else {
-                        return Flow::End(End::Shutdown);
-                    };
-                    match router.try_send(msg) {
-                        // Counts against the task's cooperative budget as `send` would, so a
-                        // fast publisher yields to the connections that write its messages
-                        // out instead of flooding them.
-                        Ok(()) => match tokio::task::coop::poll_proceed(cx) {
-                            Poll::Ready(restore) => restore.made_progress(),
-                            Poll::Pending => return Flow::Yield,
-                        },
-                        Err(mpsc::error::TrySendError::Full(msg)) => {
-                            let router = router.clone();
-                            self.pending = Some(Box::pin(async move {
-                                match router.send(msg).await {
-                                    Ok(()) => Resumed::Sent,
-                                    Err(_) => Resumed::Closed,
-                                }
-                            }));
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            return Flow::End(End::Shutdown)
-                        }
+                    if let Some(flow) = self.send_to_router(cx, msg) {
+                        return flow;
                     }
                 }
                 Inbound::Reply(packet) => self.write(packet),

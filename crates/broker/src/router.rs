@@ -44,6 +44,11 @@ pub enum RouterMsg {
         conn: ConnId,
         packet: Packet,
     },
+    /// PUBACKs in a row from one connection.
+    Acks {
+        conn: ConnId,
+        ids: Acks,
+    },
     /// New permissions for a connection (a token uploaded on `$SYS/uploadToken`); `done`
     /// answers once they apply.
     SetPermissions {
@@ -67,6 +72,40 @@ pub enum RouterMsg {
     Shutdown {
         done: oneshot::Sender<()>,
     },
+}
+
+/// The packet ids of up to [`Acks::MAX`] PUBACKs in a row from one connection, in order.
+/// Inline, so a run costs the router queue one message and no allocation.
+#[derive(Default)]
+pub struct Acks {
+    len: u8,
+    ids: [u16; Acks::MAX],
+}
+
+impl Acks {
+    pub const MAX: usize = 32;
+
+    /// Adds `id`; false (and nothing added) when full.
+    pub fn push(&mut self, id: u16) -> bool {
+        let Some(slot) = self.ids.get_mut(usize::from(self.len)) else {
+            return false;
+        };
+        *slot = id;
+        self.len += 1;
+        true
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        usize::from(self.len) == Self::MAX
+    }
+
+    pub fn as_slice(&self) -> &[u16] {
+        &self.ids[..usize::from(self.len)]
+    }
 }
 
 /// Where client publishes under outflow parents go.
@@ -208,6 +247,7 @@ pub async fn run(
                     let _ = reply.send(accepted);
                 }
                 RouterMsg::Packet { conn, packet } => broker.handle(conn, packet, now),
+                RouterMsg::Acks { conn, ids } => broker.handle_acks(conn, ids.as_slice(), now),
                 RouterMsg::SetPermissions {
                     conn,
                     permissions,

@@ -86,3 +86,78 @@ async fn packets_pipelined_behind_connect_are_answered_after_the_connack() {
     }
     server.shutdown().await;
 }
+
+/// A subscriber acknowledges what one read brought it in one write. The connection hands such
+/// runs of PUBACKs to the router as one message: each must still free its slot in the
+/// inflight window, and a packet behind them (here DISCONNECT) must not overtake them, or the
+/// persistent session would get acknowledged messages again when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubacks_in_a_row_all_apply_before_what_follows_them() {
+    use common::{connect_packet, encode, publish};
+    use ferry_codec::{Disconnect, Packet, PubAck, QoS};
+    const MESSAGES: usize = 150;
+    let server = start(|_| {}).await;
+    let addr = server.local_addr();
+    let id = cid("acks");
+    let persistent = |client_id: &str| {
+        let mut c = connect_packet(Protocol::V3_1_1, client_id, 0);
+        if let Packet::Connect(connect) = &mut c {
+            connect.clean_start = false;
+        }
+        c
+    };
+    let (mut sub, _) = Client::connect_with(addr, persistent(&id)).await;
+    sub.subscribe(1, "acks/t", QoS::AtLeastOnce).await;
+    let mut publisher = Client::v3(addr, &cid("acks-pub")).await;
+    let mut bytes = Vec::new();
+    for i in 0..MESSAGES {
+        let payload = format!("m{i}");
+        let p = publish(
+            "acks/t",
+            QoS::AtLeastOnce,
+            (i + 1) as u16,
+            payload.as_bytes(),
+        );
+        bytes.extend(encode(&p, Protocol::V3_1_1));
+    }
+    publisher.send_raw(&bytes).await;
+    let mut received = Vec::new();
+    let mut last_write = false;
+    while !last_write {
+        // Everything the window lets through, then all its PUBACKs in one write (more than one
+        // run's worth when the window is larger than a run).
+        let mut ids = Vec::new();
+        while let Some(p) = sub.try_recv(Duration::from_millis(300)).await {
+            let Packet::Publish(p) = p else {
+                panic!("expected PUBLISH, got {p:?}");
+            };
+            received.push(String::from_utf8(p.payload.to_vec()).unwrap());
+            ids.push(p.packet_id);
+        }
+        assert!(
+            !ids.is_empty(),
+            "nothing more after {} messages",
+            received.len()
+        );
+        let mut acks = Vec::new();
+        for id in ids {
+            acks.extend(encode(&Packet::PubAck(PubAck::new(id)), Protocol::V3_1_1));
+        }
+        last_write = received.len() == MESSAGES;
+        if last_write {
+            acks.extend(encode(
+                &Packet::Disconnect(Disconnect::default()),
+                Protocol::V3_1_1,
+            ));
+        }
+        sub.send_raw(&acks).await;
+    }
+    let expected: Vec<String> = (0..MESSAGES).map(|i| format!("m{i}")).collect();
+    assert_eq!(received, expected);
+    sub.expect_closed().await;
+    // Every message was acknowledged before the DISCONNECT: nothing comes again.
+    let (mut again, ack) = Client::connect_with(addr, persistent(&id)).await;
+    assert!(ack.session_present);
+    again.expect_silence(Duration::from_millis(500)).await;
+    server.shutdown().await;
+}

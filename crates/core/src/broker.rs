@@ -675,10 +675,31 @@ impl Broker {
     /// Handles a packet from connection `conn` after its CONNECT was accepted. PINGREQ, AUTH
     /// and topic aliases are dealt with by [`crate::conn::Connection`] before this.
     pub fn handle(&mut self, conn: ConnId, packet: Packet, now: Instant) {
+        self.answering(conn, |broker| broker.handle_packet(conn, packet, now));
+    }
+
+    /// Handles a run of PUBACKs from `conn` with these packet ids, in order: the same as
+    /// [`Broker::handle`] with a PUBACK for each, with one lookup of the connection and its
+    /// session, and one refill of the inflight window at the end.
+    pub fn handle_acks(&mut self, conn: ConnId, ids: &[u16], now: Instant) {
+        self.answering(conn, |broker| {
+            let Some(state) = broker.conns.get_mut(&conn) else {
+                return;
+            };
+            state.last_activity = now;
+            let sid = state.session;
+            broker.acked(sid, ids);
+            broker.flush(sid, now);
+        });
+    }
+
+    /// Runs `handle` for a packet (or packets) from `conn`; if it stored something, the answers
+    /// to `conn` wait until that is durable.
+    fn answering(&mut self, conn: ConnId, handle: impl FnOnce(&mut Self)) {
         let ops_before = self.store_ops.len();
         let outflow_before = self.outflow.len();
         let out_before = self.out.len();
-        self.handle_packet(conn, packet, now);
+        handle(self);
         if self.store_ops.len() > ops_before || self.outflow.len() > outflow_before {
             // What this packet changed is being stored: the answers to it wait for that.
             for output in &mut self.out[out_before..] {
@@ -702,20 +723,7 @@ impl Broker {
         match packet {
             Packet::Publish(p) => self.handle_publish(conn, p, now),
             Packet::PubAck(ack) => {
-                let mut done = None;
-                if let Some(s) = self.sessions.get_mut(sid) {
-                    if let Some(i) = s.find_inflight(ack.packet_id) {
-                        if s.inflight[i].state == OutState::Published
-                            && s.inflight[i].delivery.qos == QoS::AtLeastOnce
-                        {
-                            let removed = s.inflight.remove(i).expect("index found");
-                            done = Some((s.client_id.clone(), removed.delivery.seq));
-                        }
-                    }
-                }
-                if let Some((client_id, seq)) = done {
-                    self.forget_message(client_id, seq);
-                }
+                self.acked(sid, &[ack.packet_id]);
                 self.flush(sid, now);
             }
             Packet::PubRec(rec) => {
@@ -819,6 +827,35 @@ impl Broker {
                     "packet type only a server may send",
                     now,
                 ),
+        }
+    }
+
+    /// PUBACKs for these packet ids: their QoS 1 messages leave the inflight window (and the
+    /// store). An id not in flight as QoS 1 is ignored.
+    fn acked(&mut self, sid: SessionId, ids: &[u16]) {
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        for &id in ids {
+            let Some(i) = s.find_inflight(id) else {
+                continue;
+            };
+            let entry = &s.inflight[i];
+            if entry.state != OutState::Published || entry.delivery.qos != QoS::AtLeastOnce {
+                continue;
+            }
+            let removed = if i == 0 {
+                s.inflight.pop_front()
+            } else {
+                s.inflight.remove(i)
+            };
+            let seq = removed.expect("index found").delivery.seq;
+            if self.persistent && seq != 0 {
+                self.store_ops.push(StoreOp::MessageDeleted {
+                    client_id: s.client_id.clone(),
+                    seq,
+                });
+            }
         }
     }
 

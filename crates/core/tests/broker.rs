@@ -671,6 +671,50 @@ fn max_inflight_caps_the_window() {
 }
 
 #[test]
+fn a_run_of_pubacks_does_what_the_pubacks_one_by_one_do() {
+    // Two brokers in the same state; one gets the PUBACKs one by one, the other as one run
+    // (an unknown id, a repeated one and one out of order among them).
+    let t0 = Instant::now();
+    let setup = || {
+        let mut b = broker_with(Limits {
+            max_inflight: 3,
+            ..Limits::default()
+        });
+        subscriber(&mut b, 1, v3("sub", true), "t", QoS::AtLeastOnce, t0);
+        online(&mut b, 2, v5("pub"), t0);
+        for i in 1..=8u16 {
+            b.handle(
+                2,
+                pub_packet("t", &format!("m{i}"), QoS::AtLeastOnce, i),
+                t0,
+            );
+        }
+        let out = drain(&mut b);
+        let ids: Vec<u16> = publishes_to(&out, 1).iter().map(|p| p.packet_id).collect();
+        assert_eq!(payloads_to(&out, 1), vec!["m1", "m2", "m3"]);
+        (b, ids)
+    };
+    let (mut one, ids) = setup();
+    let (mut run, same_ids) = setup();
+    assert_eq!(ids, same_ids);
+    let acks = [ids[1], 999, ids[0], ids[1]];
+    for &id in &acks {
+        one.handle(1, puback(id), at(t0, 1));
+    }
+    run.handle_acks(1, &acks, at(t0, 1));
+    let (a, b) = (drain(&mut one), drain(&mut run));
+    assert_eq!(a, b);
+    // Two acknowledged, so two more go out; the third stays in flight.
+    assert_eq!(payloads_to(&b, 1), vec!["m4", "m5"]);
+    let next: Vec<u16> = publishes_to(&b, 1).iter().map(|p| p.packet_id).collect();
+    run.handle_acks(1, &[ids[2], next[0], next[1]], at(t0, 2));
+    assert_eq!(payloads_to(&drain(&mut run), 1), vec!["m6", "m7", "m8"]);
+    // A connection the broker does not know is ignored.
+    run.handle_acks(42, &[1, 2], at(t0, 3));
+    assert!(drain(&mut run).is_empty());
+}
+
+#[test]
 fn packet_ids_stay_unique_and_non_zero_across_wrap_around() {
     let t0 = Instant::now();
     let mut b = broker();
