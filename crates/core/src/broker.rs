@@ -165,6 +165,15 @@ impl ConnState {
     fn permissions(&self) -> &Permissions {
         self.permissions.as_deref().unwrap_or(&FULL)
     }
+
+    fn link(&self, conn: ConnId) -> Link {
+        Link {
+            conn,
+            protocol: self.protocol,
+            max_packet_size: self.max_packet_size,
+            window: self.window,
+        }
+    }
 }
 
 /// What the runtime learned about a client before its CONNECT reaches the core.
@@ -1174,8 +1183,16 @@ impl Broker {
             self.emit_publish(conn, publish);
             return;
         }
-        if session.inflight.len() < state.window && session.pending.is_empty() {
-            self.start_inflight(sid, conn, delivery, now);
+        let link = state.link(conn);
+        if session.inflight.len() < link.window && session.pending.is_empty() {
+            let mut fx = Effects {
+                out: &mut self.out,
+                stats: &mut self.stats,
+                store_ops: &mut self.store_ops,
+                seq_clock: &mut self.seq_clock,
+                persistent: self.persistent,
+            };
+            start_inflight(session, link, delivery, now, &mut fx);
         } else if session.pending.len() >= max_queued {
             session.dropped += 1;
             self.stats.dropped_queue_full += 1;
@@ -1190,60 +1207,6 @@ impl Broker {
             session.loaded_through = session.loaded_through.max(delivery.seq);
             session.pending.push_back(delivery);
         }
-    }
-
-    /// Sends a QoS 1/2 delivery with a fresh packet id and records it in flight. A message larger
-    /// than the client's maximum packet size is dropped instead (§3.1.2.11.4).
-    fn start_inflight(
-        &mut self,
-        sid: SessionId,
-        conn: ConnId,
-        mut delivery: Delivery,
-        now: Instant,
-    ) {
-        let state = &self.conns[&conn];
-        let mut publish = build_publish(&delivery, state.protocol, now);
-        if state.max_packet_size != u32::MAX {
-            let packet = Packet::Publish(publish);
-            let too_large = packet.encoded_len(state.protocol) > state.max_packet_size as usize;
-            let Packet::Publish(p) = packet else {
-                unreachable!()
-            };
-            publish = p;
-            if too_large {
-                self.stats.dropped_too_large += 1;
-                let session = self.sessions.get(sid).expect("session");
-                let client_id = session.client_id.clone();
-                self.forget_message(client_id, delivery.seq);
-                return;
-            }
-        }
-        let persistent = self.persistent;
-        let session = self.sessions.get_mut(sid).expect("session");
-        let packet_id = session.next_packet_id();
-        publish.packet_id = packet_id;
-        if persistent && session.expiry_interval > 0 {
-            if delivery.seq == 0 {
-                delivery.seq = next_position(&mut self.seq_clock, session);
-                session.loaded_through = session.loaded_through.max(delivery.seq);
-            }
-            self.store_ops.push(StoreOp::Message {
-                client_id: session.client_id.clone(),
-                seq: delivery.seq,
-                message: StoredMessage {
-                    delivery: delivery.clone(),
-                    state: MessageState::Published,
-                    packet_id,
-                },
-            });
-        }
-        session.inflight.push_back(Inflight {
-            packet_id,
-            delivery,
-            state: OutState::Published,
-        });
-        self.stats.messages_sent += 1;
-        self.send(conn, Packet::Publish(publish));
     }
 
     fn emit_publish(&mut self, conn: ConnId, publish: Publish) {
@@ -1261,17 +1224,23 @@ impl Broker {
 
     /// Moves queued messages into the inflight window while there is room.
     fn flush(&mut self, sid: SessionId, now: Instant) {
-        loop {
-            let Some(session) = self.sessions.get_mut(sid) else {
-                return;
-            };
-            let Some(conn) = session.conn else {
-                return;
-            };
-            let window = self.conns[&conn].window;
-            if session.inflight.len() >= window {
-                return;
-            }
+        let Some(session) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        let Some(link) = session
+            .conn
+            .and_then(|conn| Some(self.conns.get(&conn)?.link(conn)))
+        else {
+            return;
+        };
+        let mut fx = Effects {
+            out: &mut self.out,
+            stats: &mut self.stats,
+            store_ops: &mut self.store_ops,
+            seq_clock: &mut self.seq_clock,
+            persistent: self.persistent,
+        };
+        while session.inflight.len() < link.window {
             let Some(delivery) = session.pending.pop_front() else {
                 session.release_idle_memory();
                 if session.loaded_through < session.spilled_through {
@@ -1280,12 +1249,11 @@ impl Broker {
                 return;
             };
             if delivery.msg.is_expired(now) {
-                self.stats.dropped_expired += 1;
-                let client_id = session.client_id.clone();
-                self.forget_message(client_id, delivery.seq);
+                fx.stats.dropped_expired += 1;
+                fx.forget(&session.client_id, delivery.seq);
                 continue;
             }
-            self.start_inflight(sid, conn, delivery, now);
+            start_inflight(session, link, delivery, now, &mut fx);
         }
     }
 
@@ -1979,6 +1947,90 @@ fn store_queued(
 
 /// The next stored-message position: from the core-wide counter, and never below the
 /// session's own next position (so a session's positions only grow, also across restarts).
+/// What sending to a live connection needs to know about it.
+#[derive(Clone, Copy)]
+struct Link {
+    conn: ConnId,
+    protocol: Protocol,
+    max_packet_size: u32,
+    /// The outbound inflight window.
+    window: usize,
+}
+
+/// The parts of the broker a delivery writes to, borrowed apart from the session it is for
+/// (one lookup of the session and connection for a whole refill of the window).
+struct Effects<'a> {
+    out: &'a mut Vec<Output>,
+    stats: &'a mut Stats,
+    store_ops: &'a mut Vec<StoreOp>,
+    seq_clock: &'a mut u64,
+    persistent: bool,
+}
+
+impl Effects<'_> {
+    /// A stored message was delivered, refused or dropped: it leaves the store.
+    fn forget(&mut self, client_id: &ByteStr, seq: u64) {
+        if self.persistent && seq != 0 {
+            self.store_ops.push(StoreOp::MessageDeleted {
+                client_id: client_id.clone(),
+                seq,
+            });
+        }
+    }
+}
+
+/// Sends a QoS 1/2 delivery with a fresh packet id and records it in flight. A message larger
+/// than the client's maximum packet size is dropped instead (§3.1.2.11.4).
+fn start_inflight(
+    session: &mut Session,
+    link: Link,
+    mut delivery: Delivery,
+    now: Instant,
+    fx: &mut Effects<'_>,
+) {
+    let mut publish = build_publish(&delivery, link.protocol, now);
+    if link.max_packet_size != u32::MAX {
+        let packet = Packet::Publish(publish);
+        let too_large = packet.encoded_len(link.protocol) > link.max_packet_size as usize;
+        let Packet::Publish(p) = packet else {
+            unreachable!()
+        };
+        publish = p;
+        if too_large {
+            fx.stats.dropped_too_large += 1;
+            fx.forget(&session.client_id, delivery.seq);
+            return;
+        }
+    }
+    let packet_id = session.next_packet_id();
+    publish.packet_id = packet_id;
+    if fx.persistent && session.expiry_interval > 0 {
+        if delivery.seq == 0 {
+            delivery.seq = next_position(fx.seq_clock, session);
+            session.loaded_through = session.loaded_through.max(delivery.seq);
+        }
+        fx.store_ops.push(StoreOp::Message {
+            client_id: session.client_id.clone(),
+            seq: delivery.seq,
+            message: StoredMessage {
+                delivery: delivery.clone(),
+                state: MessageState::Published,
+                packet_id,
+            },
+        });
+    }
+    session.inflight.push_back(Inflight {
+        packet_id,
+        delivery,
+        state: OutState::Published,
+    });
+    fx.stats.messages_sent += 1;
+    fx.out.push(Output::Send {
+        conn: link.conn,
+        packet: Packet::Publish(publish),
+    });
+}
+
 fn next_position(clock: &mut u64, session: &mut Session) -> u64 {
     let seq = (*clock).max(session.next_seq);
     *clock = seq + 1;
