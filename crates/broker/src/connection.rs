@@ -109,8 +109,8 @@ struct Handshake {
 struct Extra {
     instance: Arc<str>,
     peer: SocketAddr,
-    /// For status events (§5): the client id and this connection's channel id.
-    status: Option<(ByteStr, u128)>,
+    /// For status events (§5): the client id (the channel id derives from the connection id).
+    status: Option<ByteStr>,
     tokens: Option<Box<Tokens>>,
 }
 
@@ -632,7 +632,7 @@ where
                     self.extra = Some(Box::new(Extra {
                         instance,
                         peer,
-                        status: hooks.then(|| (accepted.client_id, crate::hooks::new_channel_id())),
+                        status: hooks.then_some(accepted.client_id),
                         tokens: (!tokens.is_empty()).then(|| {
                             Box::new(Tokens {
                                 expiry_noticed: vec![false; tokens.len()],
@@ -970,7 +970,7 @@ where
         let (Some(hooks), Some(x)) = (&self.shared.instances.hooks, &self.extra) else {
             return;
         };
-        let Some((client_id, channel_id)) = &x.status else {
+        let Some(client_id) = &x.status else {
             return;
         };
         if !hooks.wants_status(&x.instance, client_id.as_str()) {
@@ -979,7 +979,7 @@ where
         hooks.status(crate::StatusEvent {
             instance: x.instance.to_string(),
             client_id: client_id.to_string(),
-            channel_id: crate::hooks::channel_id_hex(*channel_id),
+            channel_id: crate::hooks::channel_id_hex(crate::hooks::channel_id(self.id)),
             kind,
             time_ms: ferry_meta::now_ms(),
             client_ip: x.peer.to_string(),

@@ -68,13 +68,13 @@ pub trait Hooks: Send + Sync + 'static {
     fn outflow(&self, instance: &str, messages: Vec<Outflow>) -> HookFuture;
 }
 
-/// A fresh channel id, unique within this process (and, being keyed by a random value drawn at
-/// start, across restarts with overwhelming probability): no system call per connection.
-pub(crate) fn new_channel_id() -> u128 {
-    use std::sync::atomic::{AtomicU64, Ordering};
+/// The channel id of connection `conn` (connection ids are unique within a server): a keyed
+/// bijective mix of it, so it is unique among the server's connections and, keyed by a random
+/// value drawn at start, across restarts with overwhelming probability. Derived, not stored:
+/// nothing per connection, no system call.
+pub(crate) fn channel_id(conn: u64) -> u128 {
     use std::sync::OnceLock;
     static KEY: OnceLock<[u64; 2]> = OnceLock::new();
-    static NEXT: AtomicU64 = AtomicU64::new(0);
     let key = KEY.get_or_init(|| {
         let raw: [u8; 16] = ferry_meta::random_bytes();
         let (a, b) = raw.split_at(8);
@@ -83,10 +83,9 @@ pub(crate) fn new_channel_id() -> u128 {
             u64::from_le_bytes(b.try_into().expect("8 bytes")),
         ]
     });
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    // splitmix64's finaliser is a bijection, so distinct counters give distinct low halves.
-    let hi = mix(key[0].wrapping_add(n));
-    let lo = mix(key[1] ^ n);
+    // splitmix64's finaliser is a bijection, so distinct ids give distinct low halves.
+    let hi = mix(key[0].wrapping_add(conn));
+    let lo = mix(key[1] ^ conn);
     (u128::from(hi) << 64) | u128::from(lo)
 }
 
@@ -107,8 +106,9 @@ mod tests {
     #[test]
     fn channel_ids_are_unique_and_32_hex() {
         let mut seen = std::collections::HashSet::new();
-        for _ in 0..10_000 {
-            let hex = super::channel_id_hex(super::new_channel_id());
+        for conn in 0..10_000 {
+            let hex = super::channel_id_hex(super::channel_id(conn));
+            assert_eq!(super::channel_id(conn), super::channel_id(conn), "stable");
             assert_eq!(hex.len(), 32);
             assert!(hex
                 .bytes()

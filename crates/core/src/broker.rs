@@ -519,7 +519,6 @@ impl Broker {
         self.offline_changed(sid, spilled);
         let session = self.sessions.get_mut(sid).expect("session exists");
         session.expiry_interval = expiry;
-        session.expires_at = None;
         // A reconnect before the will delay passed cancels the will (§3.1.3.2.2).
         session.pending_will = None;
 
@@ -1466,10 +1465,9 @@ impl Broker {
         if expiry == 0 {
             self.end_session(sid, now);
         } else {
-            let session = self.sessions.get_mut(sid).expect("session exists");
             if expiry != u32::MAX {
+                // When `Session::expires_at` says, as the session's disconnect time is now.
                 let at = now + Duration::from_secs(u64::from(expiry));
-                session.expires_at = Some(at);
                 self.timers.push(Reverse((at, Timer::SessionExpiry(sid))));
             }
             self.save_session(sid);
@@ -1517,9 +1515,10 @@ impl Broker {
             self.timers.pop();
             match timer {
                 Timer::SessionExpiry(sid) => {
-                    let due = self.sessions.get(sid).is_some_and(|s| {
-                        s.conn.is_none() && s.expires_at.is_some_and(|e| e <= now)
-                    });
+                    let due = self
+                        .sessions
+                        .get(sid)
+                        .is_some_and(|s| s.expires_at().is_some_and(|e| e <= now));
                     if due {
                         self.end_session(sid, now);
                     }
@@ -1794,7 +1793,6 @@ impl Broker {
         }
         if record.expiry_interval != u32::MAX {
             let at = disconnected_at + Duration::from_secs(u64::from(record.expiry_interval));
-            session.expires_at = Some(at);
             self.timers.push(Reverse((at, Timer::SessionExpiry(sid))));
         }
         self.offline_changed(sid, 0);

@@ -127,8 +127,6 @@ pub struct Session {
     ids_may_repeat: bool,
     /// Seconds the session outlives its connection; `u32::MAX` = never expires.
     pub expiry_interval: u32,
-    /// Set while disconnected.
-    pub expires_at: Option<Instant>,
     /// Boxed: rare, and a whole message inline in every session otherwise.
     pub pending_will: Option<Box<PendingWill>>,
     /// When the last connection ended.
@@ -168,7 +166,6 @@ impl Session {
             next_packet_id: 1,
             ids_may_repeat: false,
             expiry_interval: 0,
-            expires_at: None,
             pending_will: None,
             disconnected_at: None,
             dropped: 0,
@@ -221,6 +218,16 @@ impl Session {
         if self.inflight.is_empty() && self.inflight.capacity() > KEEP {
             self.inflight = VecDeque::new();
         }
+    }
+
+    /// When the session ends if no connection takes it up again: derived from when the last
+    /// connection ended, not stored. `None` while connected or when it never expires.
+    pub fn expires_at(&self) -> Option<Instant> {
+        if self.conn.is_some() || self.expiry_interval == u32::MAX {
+            return None;
+        }
+        let after = Duration::from_secs(u64::from(self.expiry_interval));
+        self.disconnected_at.map(|at| at + after)
     }
 
     /// Index of the inflight entry with `packet_id`; acks mostly arrive in order, so the search
