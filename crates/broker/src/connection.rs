@@ -15,7 +15,7 @@
 use crate::outbox::Outbox;
 use crate::router::{Acks, RouterMsg};
 use crate::Shared;
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use ferry_codec::{
     decode, ByteStr, ConnAck, Connect, DecodeError, Disconnect, Packet, Protocol, PubAck, Publish,
     QoS, ReasonCode,
@@ -23,7 +23,9 @@ use ferry_codec::{
 use ferry_core::conn::{Inbound, Violation};
 use ferry_core::{Accepted, ClientGrant, ConnId, Connection, Permissions};
 use ferry_meta::auth::{HeldToken, TokenType};
+use std::collections::VecDeque;
 use std::future::Future;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -58,6 +60,22 @@ const TOKEN_CHECK: Duration = Duration::from_secs(1);
 const TOKEN_EXPIRY_NOTICE_MS: u64 = 5 * 60 * 1000;
 /// Packets taken from the outbox per lock.
 const OUTBOX_BATCH: usize = 64;
+/// A PUBLISH payload at least this large is written from the message's own buffer (one
+/// vectored write with the packet's head) instead of being copied into the write buffer.
+const SHARE_PAYLOAD: usize = 1024;
+/// Buffers one vectored write takes at most.
+const MAX_SLICES: usize = 64;
+
+/// What waits to be written ahead of the write buffer: runs of the write buffer frozen when a
+/// large payload was queued after them, and those payloads (shared with the message: a fan-out
+/// does not copy them once per subscriber).
+#[derive(Default)]
+struct SharedOut {
+    parts: VecDeque<Bytes>,
+    /// Bytes in `parts`.
+    len: usize,
+}
+
 /// The packet type of PUBACK (the high nibble of a frame's first byte).
 const PUBACK_TYPE: u8 = 4;
 
@@ -149,6 +167,8 @@ struct Driver<S> {
     outbox: Arc<Outbox>,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// Written before `wbuf`: large payloads shared with the message instead of copied.
+    shared_out: Option<Box<SharedOut>>,
     /// Reused between outbox drains.
     batch: Vec<Packet>,
     /// The instance's router, once CONNECT was accepted.
@@ -226,6 +246,7 @@ where
             shared,
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
+            shared_out: None,
             batch: Vec::new(),
             router: None,
             handshake: Some(Box::new(Handshake {
@@ -313,13 +334,13 @@ where
                 Ok(wrote) => progress |= wrote,
             }
             // Input, unless a step is in progress or output is backed up.
-            if self.pending.is_none() && self.wbuf.len() < WRITE_HIGH_WATER {
+            if self.pending.is_none() && self.queued() < WRITE_HIGH_WATER {
                 match self.process(cx) {
                     Flow::End(end) => return Poll::Ready(end),
                     Flow::Yield => return Poll::Pending,
                     Flow::Continue(handled) => progress |= handled,
                 }
-                if self.pending.is_none() && self.wbuf.len() < WRITE_HIGH_WATER {
+                if self.pending.is_none() && self.queued() < WRITE_HIGH_WATER {
                     match self.poll_input(cx) {
                         Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(End::Io),
                         Poll::Ready(Ok(_)) => progress = true,
@@ -360,7 +381,41 @@ where
     /// the socket failed.
     fn poll_output(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
         let mut wrote = false;
-        while !self.wbuf.is_empty() {
+        while let Some(out) = self.shared_out.as_deref_mut().filter(|o| o.len > 0) {
+            // The shared parts in order, then the write buffer if every part fits in.
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut k = 0;
+            for part in out.parts.iter().take(MAX_SLICES - 1) {
+                slices[k] = IoSlice::new(part);
+                k += 1;
+            }
+            if k == out.parts.len() && !self.wbuf.is_empty() {
+                slices[k] = IoSlice::new(&self.wbuf);
+                k += 1;
+            }
+            match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..k]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
+                Poll::Ready(Ok(mut n)) => {
+                    wrote = true;
+                    self.unflushed = true;
+                    while n > 0 {
+                        let Some(front) = out.parts.front_mut() else {
+                            self.wbuf.advance(n);
+                            break;
+                        };
+                        let m = n.min(front.len());
+                        front.advance(m);
+                        out.len -= m;
+                        n -= m;
+                        if front.is_empty() {
+                            out.parts.pop_front();
+                        }
+                    }
+                }
+                Poll::Pending => break,
+            }
+        }
+        while self.queued() == self.wbuf.len() && !self.wbuf.is_empty() {
             match Pin::new(&mut self.io).poll_write(cx, &self.wbuf) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
                 Poll::Ready(Ok(n)) => {
@@ -371,7 +426,7 @@ where
                 Poll::Pending => break,
             }
         }
-        if self.wbuf.is_empty() && self.unflushed {
+        if self.queued() == 0 && self.unflushed {
             match Pin::new(&mut self.io).poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.unflushed = false,
                 Poll::Ready(Err(_)) => return Err(()),
@@ -436,6 +491,9 @@ where
     fn release_idle_buffers(&mut self) {
         if self.rbuf.is_empty() && !self.busy {
             self.rbuf = BytesMut::new();
+        }
+        if self.shared_out.as_ref().is_some_and(|o| o.len == 0) {
+            self.shared_out = None;
         }
         if self.wbuf.is_empty()
             && self.wbuf.capacity() > READ_IDLE
@@ -512,7 +570,7 @@ where
         // One clock read per batch of frames, not per packet.
         let mut now = None;
         let mut handled = false;
-        while self.pending.is_none() && self.wbuf.len() < WRITE_HIGH_WATER {
+        while self.pending.is_none() && self.queued() < WRITE_HIGH_WATER {
             // Anything but a PUBACK keeps its place behind the PUBACKs before it: they go
             // first (and if that has to wait, it waits in the read buffer).
             if !acks.is_empty() && self.rbuf.first().is_some_and(|b| b >> 4 != PUBACK_TYPE) {
@@ -872,9 +930,29 @@ where
     fn write(&mut self, mut packet: Packet) {
         self.conn.on_outbound(&mut packet);
         trace!(?packet, "sending");
-        if let Err(e) = packet.encode(self.conn.protocol(), &mut self.wbuf) {
+        let protocol = self.conn.protocol();
+        let result = match &packet {
+            Packet::Publish(p) if p.payload.len() >= SHARE_PAYLOAD => {
+                let payload = p.payload.clone();
+                packet.encode_head(protocol, &mut self.wbuf).map(|()| {
+                    // Everything buffered so far, this packet's head, then its payload.
+                    let head = self.wbuf.split().freeze();
+                    let out = self.shared_out.get_or_insert_with(Default::default);
+                    out.len += head.len() + payload.len();
+                    out.parts.push_back(head);
+                    out.parts.push_back(payload);
+                })
+            }
+            _ => packet.encode(protocol, &mut self.wbuf),
+        };
+        if let Err(e) = result {
             tracing::warn!(error = %e, "cannot encode outgoing packet");
         }
+    }
+
+    /// Bytes waiting to be written.
+    fn queued(&self) -> usize {
+        self.wbuf.len() + self.shared_out.as_ref().map_or(0, |o| o.len)
     }
 
     /// Moves packets from the outbox into the write buffer while it is below the high-water
@@ -884,7 +962,7 @@ where
         let mut batch = std::mem::take(&mut self.batch);
         let mut moved = false;
         let result = loop {
-            if self.wbuf.len() >= WRITE_HIGH_WATER {
+            if self.queued() >= WRITE_HIGH_WATER {
                 // Woken again by the socket once it takes more.
                 break if self.outbox.is_closing() {
                     Drained::Closed
@@ -1006,7 +1084,11 @@ where
         if !matches!(end, End::Io) {
             let io = &mut self.io;
             let wbuf = &mut self.wbuf;
+            let shared = self.shared_out.take();
             let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
+                for mut part in shared.into_iter().flat_map(|o| o.parts) {
+                    io.write_all_buf(&mut part).await?;
+                }
                 io.write_all_buf(wbuf).await?;
                 io.shutdown().await
             })

@@ -161,3 +161,43 @@ async fn pubacks_in_a_row_all_apply_before_what_follows_them() {
     again.expect_silence(Duration::from_millis(500)).await;
     server.shutdown().await;
 }
+
+/// Large payloads are written from the message's own buffer, next to small packets copied into
+/// the write buffer. A subscriber that does not read for a while makes the socket take them
+/// piecemeal (partial vectored writes); every message must still arrive whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_and_small_messages_arrive_whole_and_in_order_through_partial_writes() {
+    use common::{encode, publish};
+    use ferry_codec::{Packet, QoS};
+    let server = start(|_| {}).await;
+    let addr = server.local_addr();
+    let mut sub = Client::v3(addr, &cid("big-sub")).await;
+    sub.subscribe(1, "big/t", QoS::AtMostOnce).await;
+    let mut publisher = Client::v3(addr, &cid("big-pub")).await;
+    let sizes = [10usize, 5_000, 1_024, 1_023, 200_000, 3, 150_000];
+    let payload = |i: usize| -> Vec<u8> {
+        let size = sizes[i % sizes.len()];
+        (0..size).map(|j| (i * 31 + j * 7) as u8).collect()
+    };
+    // ~15 MB: more than the kernel's socket buffers take while the subscriber is not reading.
+    const MESSAGES: usize = 300;
+    let mut bytes = Vec::new();
+    for i in 0..MESSAGES {
+        let p = publish("big/t", QoS::AtMostOnce, 0, &payload(i));
+        bytes.extend(encode(&p, Protocol::V3_1_1));
+    }
+    publisher.send_raw(&bytes).await;
+    // Not reading yet: the server's writes to this subscriber fill the socket and stop part-way.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for i in 0..MESSAGES {
+        match sub.recv().await {
+            Packet::Publish(p) => {
+                assert_eq!(p.payload.len(), payload(i).len(), "message {i}: length");
+                assert!(p.payload[..] == payload(i)[..], "message {i}: content");
+            }
+            other => panic!("message {i}: expected PUBLISH, got {other:?}"),
+        }
+    }
+    sub.expect_silence(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}

@@ -746,15 +746,37 @@ impl Packet {
     /// Appends the encoded packet to `buf`. For a CONNECT, its own protocol is used. On error
     /// nothing is appended (`buf` is left as it was).
     pub fn encode(&self, protocol: Protocol, buf: &mut BytesMut) -> Result<(), EncodeError> {
+        self.encode_parts(protocol, buf, true)
+    }
+
+    /// Like [`Packet::encode`], but a PUBLISH's payload is left out: what is appended is the
+    /// packet up to its payload (the length in the fixed header counts the payload), so
+    /// writing it followed by `payload` is the whole packet without copying the payload.
+    /// Other packets are encoded whole.
+    pub fn encode_head(&self, protocol: Protocol, buf: &mut BytesMut) -> Result<(), EncodeError> {
+        self.encode_parts(protocol, buf, false)
+    }
+
+    fn encode_parts(
+        &self,
+        protocol: Protocol,
+        buf: &mut BytesMut,
+        payload: bool,
+    ) -> Result<(), EncodeError> {
         let start = buf.len();
-        let result = self.encode_unchecked(protocol, buf);
+        let result = self.encode_unchecked(protocol, buf, payload);
         if result.is_err() {
             buf.truncate(start);
         }
         result
     }
 
-    fn encode_unchecked(&self, protocol: Protocol, buf: &mut BytesMut) -> Result<(), EncodeError> {
+    fn encode_unchecked(
+        &self,
+        protocol: Protocol,
+        buf: &mut BytesMut,
+        with_payload: bool,
+    ) -> Result<(), EncodeError> {
         let protocol = match self {
             Packet::Connect(c) => c.protocol,
             _ => protocol,
@@ -772,7 +794,11 @@ impl Packet {
         if body > MAX_VARINT as usize {
             return Err(EncodeError::TooLarge(body));
         }
-        buf.reserve(1 + varint_len(body as u32) + body);
+        let payload = match self {
+            Packet::Publish(p) if !with_payload => p.payload.len(),
+            _ => 0,
+        };
+        buf.reserve(1 + varint_len(body as u32) + body - payload);
         let first: u8 = match self {
             Packet::Publish(p) => {
                 0x30 | (u8::from(p.dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain)
@@ -846,7 +872,9 @@ impl Packet {
                 if v5 {
                     p.properties.encode(buf)?;
                 }
-                buf.put_slice(&p.payload);
+                if with_payload {
+                    buf.put_slice(&p.payload);
+                }
             }
             Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
                 buf.put_u16(a.packet_id);

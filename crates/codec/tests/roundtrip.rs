@@ -534,6 +534,20 @@ proptest! {
     }
 
     #[test]
+    fn the_head_then_the_payload_is_the_whole_packet(
+        (protocol, packet) in protocol_and_packet(),
+        prefix in vec(any::<u8>(), 0..8),
+    ) {
+        let mut buf = BytesMut::from(&prefix[..]);
+        packet.encode_head(protocol, &mut buf).unwrap();
+        if let Packet::Publish(p) = &packet {
+            buf.extend_from_slice(&p.payload);
+        }
+        prop_assert_eq!(&buf[..prefix.len()], &prefix[..]);
+        prop_assert_eq!(&buf[prefix.len()..], &encode(&packet, protocol)[..]);
+    }
+
+    #[test]
     fn a_partial_frame_needs_more_bytes_and_consumes_nothing(
         (protocol, packet) in protocol_and_packet(),
     ) {
