@@ -510,9 +510,6 @@ where
         // read brought it in one go), sent before anything else from this connection.
         let mut acks = Acks::default();
         let flow = self.process_frames(cx, &mut acks);
-        if acks.is_empty() {
-            return flow;
-        }
         let sent = self.send_acks(cx, &mut acks);
         match flow {
             Flow::End(_) => flow,

@@ -29,6 +29,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The broker's outputs as [`Effects`], borrowed field by field so that a session borrowed from
+/// `$broker.sessions` can be used beside them (a method would borrow the whole broker).
+macro_rules! effects {
+    ($broker:ident) => {
+        Effects {
+            out: &mut $broker.out,
+            stats: &mut $broker.stats,
+            store_ops: &mut $broker.store_ops,
+            seq_clock: &mut $broker.seq_clock,
+            persistent: $broker.persistent,
+        }
+    };
+}
+
 /// Identifies one network connection; allocated by the runtime.
 pub type ConnId = u64;
 
@@ -668,7 +682,7 @@ impl Broker {
             });
             self.stats.dropped_too_large += too_large.len() as u64;
             for seq in seqs {
-                self.forget_message(client_id.clone(), seq);
+                self.forget_message(&client_id, seq);
             }
         }
         for packet in packets {
@@ -811,7 +825,7 @@ impl Broker {
                     }
                 }
                 if let Some((client_id, seq)) = done {
-                    self.forget_message(client_id, seq);
+                    self.forget_message(&client_id, seq);
                 }
                 self.flush(sid, now);
             }
@@ -858,12 +872,7 @@ impl Broker {
                 s.inflight.remove(i)
             };
             let seq = removed.expect("index found").delivery.seq;
-            if self.persistent && seq != 0 {
-                self.store_ops.push(StoreOp::MessageDeleted {
-                    client_id: s.client_id.clone(),
-                    seq,
-                });
-            }
+            effects!(self).forget(&s.client_id, seq);
         }
     }
 
@@ -1184,13 +1193,7 @@ impl Broker {
         }
         let link = state.link(conn);
         if session.inflight.len() < link.window && session.pending.is_empty() {
-            let mut fx = Effects {
-                out: &mut self.out,
-                stats: &mut self.stats,
-                store_ops: &mut self.store_ops,
-                seq_clock: &mut self.seq_clock,
-                persistent: self.persistent,
-            };
+            let mut fx = effects!(self);
             start_inflight(session, link, delivery, now, &mut fx);
         } else if session.pending.len() >= max_queued {
             session.dropped += 1;
@@ -1232,13 +1235,7 @@ impl Broker {
         else {
             return;
         };
-        let mut fx = Effects {
-            out: &mut self.out,
-            stats: &mut self.stats,
-            store_ops: &mut self.store_ops,
-            seq_clock: &mut self.seq_clock,
-            persistent: self.persistent,
-        };
+        let mut fx = effects!(self);
         while session.inflight.len() < link.window {
             let Some(delivery) = session.pending.pop_front() else {
                 session.release_idle_memory();
@@ -1573,11 +1570,8 @@ impl Broker {
     }
 
     /// A stored message was delivered, refused or dropped: it leaves the store.
-    fn forget_message(&mut self, client_id: ByteStr, seq: u64) {
-        if self.persistent && seq != 0 {
-            self.store_ops
-                .push(StoreOp::MessageDeleted { client_id, seq });
-        }
+    fn forget_message(&mut self, client_id: &ByteStr, seq: u64) {
+        effects!(self).forget(client_id, seq);
     }
 
     /// Re-files a session in the offline index after its count of messages on disk changed
