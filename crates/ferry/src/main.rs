@@ -170,13 +170,18 @@ fn serve(args: ServeArgs) -> Result<()> {
     builder.disable_lifo_slot();
     // Tasks a worker runs between checks for new socket events (tokio's default is 61). With
     // thousands of connections ready at once, checking less often lets each worker finish
-    // more of what is ready first: measured (`ferry bench scenario`, 3 runs each, same
-    // binary) p2p 100 pairs QoS 1 0.75M -> 0.79-0.87M msg/s with p99 85 -> 15 ms, fan-out
-    // 1 -> 1,000 QoS 1 p99 ~600 -> ~300 ms. `FERRY_EVENT_INTERVAL` overrides it.
+    // more of what is ready first. 61 -> 256 (`ferry bench scenario`, 3 runs each, same
+    // binary): p2p 100 pairs QoS 1 0.75M -> 0.79-0.87M msg/s with p99 85 -> 15 ms. 256 ->
+    // 2048: a message to 1,000 subscribers wakes 1,000 connection tasks, and a check in the
+    // middle of them queued the PUBACKs of the first subscribers ahead of the deliveries
+    // to the rest (seen in syscall traces: ~640 of the 1,000 PUBACK reads came before the
+    // last delivery; with 2048, 2). Fixed-rate fan-out p99 (20 msg/s, 6 runs each) 15.3 ->
+    // 13.9 ms; saturated throughput unchanged or higher in 10 of 12 `bench/compare`
+    // scenarios. `FERRY_EVENT_INTERVAL` overrides it.
     let event_interval = std::env::var("FERRY_EVENT_INTERVAL")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+        .unwrap_or(2048);
     builder.event_interval(event_interval);
     let runtime = builder.build().context("cannot start the async runtime")?;
     let default_instance = runtime_config.default_instance.clone();
