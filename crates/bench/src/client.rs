@@ -9,7 +9,7 @@ use crate::error::Failure;
 use crate::transport::{self, Target};
 use bytes::{Buf, BytesMut};
 use ferry_codec::{decode, Connect, Packet, Properties, Protocol, PubAck, QoS, ReasonCode};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -17,6 +17,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 /// Smallest and largest read size; the size doubles while reads fill it.
 const READ_MIN: usize = 2 * 1024;
@@ -73,6 +74,10 @@ pub(crate) struct Client {
     next_ping: Option<Instant>,
     /// Unanswered PINGREQs: two in a row mean the broker is gone.
     pings_unanswered: u32,
+    /// The one timer for the ping and the caller's deadline, set to the earlier of the two. A
+    /// later time leaves it alone (it fires early, finds nothing due, and is set again): a
+    /// fresh timer per step cost a timer-wheel insert and removal per message received.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Client {
@@ -102,6 +107,7 @@ impl Client {
             ping_every: None,
             next_ping: None,
             pings_unanswered: 0,
+            timer: None,
         };
         let mut properties = Properties::default();
         if opts.protocol.is_v5() {
@@ -196,66 +202,77 @@ impl Client {
     }
 
     /// Waits for the next thing to happen: a read, a (partial) write of `wbuf` when it is not
-    /// empty, the keep-alive ping timer, or `deadline`.
-    pub async fn step(&mut self, deadline: Instant) -> Result<Step, Failure> {
-        let ping_at = self.next_ping;
-        let Client {
-            io,
-            rbuf,
-            read_size,
-            wbuf,
-            ..
-        } = self;
-        let io_step = poll_fn(|cx| {
-            let mut wrote = false;
-            if !wbuf.is_empty() {
-                match poll_write(io, cx, wbuf) {
-                    Poll::Ready(Ok(())) => wrote = true,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {}
-                }
-            }
-            // TLS and WebSocket streams buffer: push out what they hold.
-            if wbuf.is_empty() {
-                if let Poll::Ready(Err(e)) = poll_flush(io, cx) {
-                    return Poll::Ready(Err(e));
-                }
-            }
-            match poll_read(io, cx, rbuf, *read_size) {
-                Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
-                Poll::Ready(Ok(n)) => {
-                    if n >= *read_size && *read_size < READ_MAX {
-                        *read_size *= 2;
-                    }
-                    Poll::Ready(Ok(Step::Read))
-                }
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending if wrote => Poll::Ready(Ok(Step::Wrote)),
-                Poll::Pending => Poll::Pending,
-            }
-        });
-        let step = tokio::select! {
-            res = io_step => match res {
-                Ok(step) => step,
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(closed()),
-                Err(e) => return Err(io_failure(e)),
-            },
-            _ = sleep_until(ping_at), if ping_at.is_some() => {
-                if self.pings_unanswered >= 2 {
-                    return Err(Failure::new("keep-alive timeout", "two PINGREQs unanswered"));
-                }
-                self.pings_unanswered += 1;
-                self.push(&Packet::PingReq)?;
-                Step::Wrote
-            }
-            _ = tokio::time::sleep_until(deadline.into()) => Step::Idle,
-        };
+    /// empty, the keep-alive ping timer, or `deadline` (if any).
+    pub async fn step(&mut self, deadline: Option<Instant>) -> Result<Step, Failure> {
+        let step = poll_fn(|cx| self.poll_step(cx, deadline)).await?;
         if step == Step::Wrote {
             if let Some(every) = self.ping_every {
                 self.next_ping = Some(Instant::now() + every);
             }
         }
         Ok(step)
+    }
+
+    fn poll_step(
+        &mut self,
+        cx: &mut Context<'_>,
+        deadline: Option<Instant>,
+    ) -> Poll<Result<Step, Failure>> {
+        let mut wrote = false;
+        if !self.wbuf.is_empty() {
+            match poll_write(&mut self.io, cx, &mut self.wbuf) {
+                Poll::Ready(Ok(())) => wrote = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(io_failure(e))),
+                Poll::Pending => {}
+            }
+        }
+        // TLS and WebSocket streams buffer: push out what they hold.
+        if self.wbuf.is_empty() {
+            if let Poll::Ready(Err(e)) = poll_flush(&mut self.io, cx) {
+                return Poll::Ready(Err(io_failure(e)));
+            }
+        }
+        match poll_read(&mut self.io, cx, &mut self.rbuf, self.read_size) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(closed())),
+            Poll::Ready(Ok(n)) => {
+                if n >= self.read_size && self.read_size < READ_MAX {
+                    self.read_size *= 2;
+                }
+                return Poll::Ready(Ok(Step::Read));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(io_failure(e))),
+            Poll::Pending if wrote => return Poll::Ready(Ok(Step::Wrote)),
+            Poll::Pending => {}
+        }
+        loop {
+            let Some(at) = earliest(self.next_ping, deadline) else {
+                return Poll::Pending;
+            };
+            let at = tokio::time::Instant::from_std(at);
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if timer.is_elapsed() || at < timer.deadline() {
+                timer.as_mut().reset(at);
+            }
+            ready!(timer.as_mut().poll(cx));
+            let now = Instant::now();
+            if self.next_ping.is_some_and(|t| t <= now) {
+                if self.pings_unanswered >= 2 {
+                    return Poll::Ready(Err(Failure::new(
+                        "keep-alive timeout",
+                        "two PINGREQs unanswered",
+                    )));
+                }
+                self.pings_unanswered += 1;
+                self.push(&Packet::PingReq)?;
+                return Poll::Ready(Ok(Step::Wrote));
+            }
+            if deadline.is_some_and(|t| t <= now) {
+                return Poll::Ready(Ok(Step::Idle));
+            }
+            // Nothing due yet (a timer woken early): set it again.
+        }
     }
 
     /// Sends DISCONNECT after whatever is still buffered, and closes the write side. Bounded in
@@ -283,17 +300,14 @@ fn poll_read(
     size: usize,
 ) -> Poll<io::Result<usize>> {
     match io {
-        Io::Tcp(stream) => loop {
-            ready!(stream.poll_read_ready(cx))?;
+        Io::Tcp(stream) => {
             if buf.capacity() - buf.len() < size / 2 {
                 buf.reserve(size);
             }
-            match stream.try_read_buf(buf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        },
+            // Through tokio's `AsyncRead`, which takes a read that did not fill the buffer as
+            // "drained" and waits for the next event: no second read to find the socket empty.
+            tokio_util::io::poll_read_buf(Pin::new(stream), cx, buf)
+        }
         Io::Stream(stream) => {
             let len = buf.len();
             buf.resize(len + size, 0);
@@ -363,9 +377,130 @@ fn connack_failure(code: ReasonCode) -> Failure {
     Failure::new(kind, format!("CONNACK {code}"))
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Client, ConnectOptions, Step};
+    use crate::transport::{Target, TlsOptions, Transport};
+    use ferry_codec::Protocol;
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    /// A broker that accepts the CONNECT (CONNACK, MQTT 3.1.1), then answers nothing but, if
+    /// `pong`, PINGREQs (40 ms late): every byte it gets afterwards is passed on to the test.
+    async fn silent_broker(pong: bool) -> (Target, mpsc::UnboundedReceiver<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 256];
+            let n = socket.read(&mut buf).await.unwrap();
+            assert_eq!(buf[0], 0x10, "CONNECT first ({n} bytes)");
+            socket.write_all(&[0x20, 2, 0, 0]).await.unwrap();
+            loop {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if pong && buf[..n] == [0xC0, 0] {
+                            // Late enough that the client's step is waiting on its timer.
+                            tokio::time::sleep(Duration::from_millis(40)).await;
+                            socket.write_all(&[0xD0, 0]).await.unwrap();
+                        }
+                        let _ = tx.send(buf[..n].to_vec());
+                    }
+                }
+            }
+        });
+        let target = Target::new(
+            "127.0.0.1",
+            port,
+            Transport::Tcp,
+            "/mqtt",
+            &TlsOptions::default(),
+        )
+        .unwrap();
+        (target, rx)
+    }
+
+    async fn connect(target: &Target, keep_alive: u16) -> Client {
+        let opts = ConnectOptions {
+            protocol: Protocol::V3_1_1,
+            client_id: "timer-test".into(),
+            username: None,
+            password: None,
+            keep_alive,
+            session_expiry: None,
+            bind: None,
+        };
+        Client::connect(target, &opts, Duration::from_secs(5))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_step_ends_idle_at_its_deadline_and_a_later_deadline_is_kept() {
+        let (target, _rx) = silent_broker(true).await;
+        let mut client = connect(&target, 0).await;
+        // (deadline, then the next step's deadline): after a step that ends idle, and after
+        // steps that set the timer for the first deadline and end with a read before it (the
+        // timer then fires for the earlier time, or is set earlier).
+        for (first_ms, next_ms, after_read) in
+            [(100, 300, false), (100, 300, true), (20_000, 50, true)]
+        {
+            let first = Some(Instant::now() + Duration::from_millis(first_ms));
+            if after_read {
+                client.push(&ferry_codec::Packet::PingReq).unwrap();
+                assert_eq!(client.step(first).await.unwrap(), Step::Wrote);
+                assert_eq!(client.step(first).await.unwrap(), Step::Read);
+                let pong = client.try_decode().unwrap();
+                assert_eq!(pong, Some(ferry_codec::Packet::PingResp));
+            } else {
+                assert_eq!(client.step(first).await.unwrap(), Step::Idle);
+            }
+            let start = Instant::now();
+            let next = Duration::from_millis(next_ms);
+            assert_eq!(client.step(Some(start + next)).await.unwrap(), Step::Idle);
+            let took = start.elapsed();
+            assert!(
+                took >= next && took < next + Duration::from_secs(2),
+                "{took:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn pings_go_out_on_time_without_a_deadline_and_two_unanswered_end_the_client() {
+        let (target, mut rx) = silent_broker(false).await;
+        // Keep-alive 1 s: a PINGREQ every 750 ms.
+        let mut client = connect(&target, 1).await;
+        let start = Instant::now();
+        // A deadline before the ping, then none: the ping still comes at its time.
+        let step = client.step(Some(start + Duration::from_millis(100))).await;
+        assert_eq!(step.unwrap(), Step::Idle);
+        for n in 1..=2 {
+            let step = client.step(None).await.unwrap();
+            assert_eq!(step, Step::Wrote, "ping {n} queued");
+            // The PINGREQ is written by the next step; the broker never answers.
+            let deadline = Instant::now() + Duration::from_millis(50);
+            while client.step(Some(deadline)).await.unwrap() != Step::Idle {}
+            let got = rx.recv().await.unwrap();
+            assert_eq!(got, vec![0xC0, 0], "PINGREQ {n}");
+        }
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(4),
+            "{elapsed:?}"
+        );
+        let err = client.step(None).await.unwrap_err();
+        assert_eq!(err.kind, "keep-alive timeout");
     }
 }

@@ -285,7 +285,7 @@ async fn publish(
         if sent == opts.count && ids.in_use == 0 && client.wbuf.is_empty() {
             break;
         }
-        match client.step(last_progress + opts.timeout).await? {
+        match client.step(Some(last_progress + opts.timeout)).await? {
             Step::Idle => {
                 timed_out = true;
                 break;
@@ -350,7 +350,7 @@ async fn receive(mut client: Client, opts: &PubSubOptions, start: Instant) -> Re
     let mut timed_out = false;
     while received < opts.count {
         let step = client
-            .step(last_progress + opts.timeout)
+            .step(Some(last_progress + opts.timeout))
             .await
             .with_context(|| format!("after {received} messages"))?;
         match step {

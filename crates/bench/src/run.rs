@@ -531,7 +531,7 @@ async fn idle(
     let result = async {
         while !stopped(&stop) {
             tokio::select! {
-                step = client.step(Instant::now() + Duration::from_secs(3600)) => {
+                step = client.step(None) => {
                     step?;
                     while let Some(packet) = client.try_decode()? {
                         if let Packet::Disconnect(d) = packet {
@@ -628,7 +628,7 @@ async fn receive(
     let result = async {
         while !stopped(stop) {
             let step = tokio::select! {
-                step = client.step(Instant::now() + Duration::from_secs(3600)) => step?,
+                step = client.step(None) => step?,
                 _ = stop.changed() => continue,
             };
             if step != Step::Read {
@@ -812,7 +812,7 @@ async fn publish(
             }
         }
         let step = tokio::select! {
-            step = client.step(deadline) => step?,
+            step = client.step(Some(deadline)) => step?,
             _ = stop.changed(), if !done => continue,
         };
         match step {
