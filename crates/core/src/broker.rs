@@ -645,11 +645,11 @@ impl Broker {
         let Some(state) = self.conns.get(&conn) else {
             return;
         };
-        let protocol = state.protocol;
+        let link = state.link(conn);
+        let protocol = link.protocol;
         let Some(session) = self.sessions.get_mut(sid) else {
             return;
         };
-        let max_packet_size = state.max_packet_size as usize;
         let mut packets = Vec::with_capacity(session.inflight.len());
         let mut too_large = Vec::new();
         for inflight in &session.inflight {
@@ -661,7 +661,7 @@ impl Broker {
                     let packet = Packet::Publish(p);
                     // The new connection may allow less than the old one: such a message is
                     // discarded as if delivered (§3.1.2.11.4).
-                    if packet.encoded_len(protocol) > max_packet_size {
+                    if link.too_large(&packet) {
                         too_large.push(inflight.packet_id);
                         continue;
                     }
@@ -1212,11 +1212,8 @@ impl Broker {
     }
 
     fn emit_publish(&mut self, conn: ConnId, publish: Publish) {
-        let state = &self.conns[&conn];
         let packet = Packet::Publish(publish);
-        if state.max_packet_size != u32::MAX
-            && packet.encoded_len(state.protocol) > state.max_packet_size as usize
-        {
+        if self.conns[&conn].link(conn).too_large(&packet) {
             self.stats.dropped_too_large += 1;
             return;
         }
@@ -1937,8 +1934,6 @@ fn store_queued(
     delivery
 }
 
-/// The next stored-message position: from the core-wide counter, and never below the
-/// session's own next position (so a session's positions only grow, also across restarts).
 /// What sending to a live connection needs to know about it.
 #[derive(Clone, Copy)]
 struct Link {
@@ -1947,6 +1942,14 @@ struct Link {
     max_packet_size: u32,
     /// The outbound inflight window.
     window: usize,
+}
+
+impl Link {
+    /// Whether `packet` is larger than the client accepts: it is not sent (§3.1.2.11.4).
+    fn too_large(&self, packet: &Packet) -> bool {
+        self.max_packet_size != u32::MAX
+            && packet.encoded_len(self.protocol) > self.max_packet_size as usize
+    }
 }
 
 /// The parts of the broker a delivery writes to, borrowed apart from the session it is for
@@ -1980,22 +1983,16 @@ fn start_inflight(
     now: Instant,
     fx: &mut Effects<'_>,
 ) {
-    let mut publish = build_publish(&delivery, link.protocol, now);
-    if link.max_packet_size != u32::MAX {
-        let packet = Packet::Publish(publish);
-        let too_large = packet.encoded_len(link.protocol) > link.max_packet_size as usize;
-        let Packet::Publish(p) = packet else {
-            unreachable!()
-        };
-        publish = p;
-        if too_large {
-            fx.stats.dropped_too_large += 1;
-            fx.forget(&session.client_id, delivery.seq);
-            return;
-        }
+    let mut packet = Packet::Publish(build_publish(&delivery, link.protocol, now));
+    if link.too_large(&packet) {
+        fx.stats.dropped_too_large += 1;
+        fx.forget(&session.client_id, delivery.seq);
+        return;
     }
     let packet_id = session.next_packet_id();
-    publish.packet_id = packet_id;
+    if let Packet::Publish(p) = &mut packet {
+        p.packet_id = packet_id;
+    }
     if fx.persistent && session.expiry_interval > 0 {
         if delivery.seq == 0 {
             delivery.seq = next_position(fx.seq_clock, session);
@@ -2019,10 +2016,12 @@ fn start_inflight(
     fx.stats.messages_sent += 1;
     fx.out.push(Output::Send {
         conn: link.conn,
-        packet: Packet::Publish(publish),
+        packet,
     });
 }
 
+/// The next stored-message position: from the core-wide counter, and never below the
+/// session's own next position (so a session's positions only grow, also across restarts).
 fn next_position(clock: &mut u64, session: &mut Session) -> u64 {
     let seq = (*clock).max(session.next_seq);
     *clock = seq + 1;
