@@ -42,6 +42,9 @@ pub use server::{Config, Server};
 
 /// What every connection task shares.
 pub(crate) struct Shared {
+    /// Connection slots (`max_connections`): each connection's driver holds one and gives it
+    /// back when dropped.
+    pub slots: tokio::sync::Semaphore,
     pub config: Config,
     pub instances: std::sync::Arc<instances::Instances>,
     pub metrics: std::sync::Arc<Metrics>,

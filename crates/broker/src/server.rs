@@ -71,7 +71,6 @@ pub struct Server {
     shared: Arc<Shared>,
     stop_accepting: watch::Sender<bool>,
     accept: JoinHandle<()>,
-    slots: Arc<Semaphore>,
 }
 
 impl Server {
@@ -140,8 +139,8 @@ impl Server {
                     .map_err(|e| io::Error::other(e.to_string()))?;
             }
         }
-        let slots = Arc::new(Semaphore::new(config.max_connections));
         let shared = Arc::new(Shared {
+            slots: Semaphore::new(config.max_connections),
             config,
             instances,
             metrics,
@@ -171,7 +170,6 @@ impl Server {
         let accept = tokio::spawn(tokio::task::unconstrained(accept_loop(
             listener,
             shared.clone(),
-            slots.clone(),
             stop_rx,
         )));
         info!(addr = %local_addr, "mqtt listener started");
@@ -180,7 +178,6 @@ impl Server {
             shared,
             stop_accepting,
             accept,
-            slots,
         })
     }
 
@@ -214,7 +211,7 @@ impl Server {
         let max = self.shared.config.max_connections as u32;
         let drained = tokio::time::timeout(
             self.shared.config.shutdown_grace,
-            self.slots.acquire_many(max),
+            self.shared.slots.acquire_many(max),
         )
         .await;
         if drained.is_err() {
@@ -245,12 +242,7 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    slots: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut next_id: u64 = 1;
     let mut burst = ACCEPT_BURST;
     loop {
@@ -274,11 +266,13 @@ async fn accept_loop(
             },
             _ = stop.changed() => return,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Ok(permit) = shared.slots.try_acquire() else {
             warn!(%peer, "connection limit reached, refusing");
             drop(stream);
             continue;
         };
+        // Given back when the connection's driver is dropped.
+        permit.forget();
         if !cfg!(target_os = "linux") {
             let _ = stream.set_nodelay(true);
         }
@@ -286,8 +280,7 @@ async fn accept_loop(
         next_id += 1;
         shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", id, %peer, client_id = tracing::field::Empty);
-        let task =
-            connection::ConnTask::new(stream, peer, id, shared.clone(), stop.clone(), permit, span);
+        let task = connection::ConnTask::new(stream, peer, id, shared.clone(), stop.clone(), span);
         tokio::spawn(task);
     }
 }
