@@ -507,9 +507,10 @@ where
     }
 
     /// Gives back the buffers once everything in them was consumed and the connection is
-    /// quiet, so an idle connection holds next to no buffer memory. The write side goes at
-    /// once after a small write (a CONNACK, a PINGRESP, a PUBACK), and after [`WRITE_IDLE`]
-    /// without a write once it had grown (while output flows it is kept).
+    /// quiet, so an idle connection holds next to no buffer memory. Once everything is
+    /// written, the write side goes at once after light traffic (the last outbox drain took a
+    /// few packets, and kept no batch: a CONNACK, a PINGRESP, one message), else after
+    /// [`WRITE_IDLE`] without a write (while heavier output flows it is kept).
     fn release_idle_buffers(&mut self) {
         if self.rbuf.is_empty() && !self.busy {
             self.rbuf = BytesMut::new();
@@ -517,7 +518,7 @@ where
         if let Some(out) = &self.out {
             if out.queued() == 0
                 && !self.unflushed
-                && (out.wbuf.capacity() <= READ_IDLE || out.last_write.elapsed() > WRITE_IDLE)
+                && (out.batch.capacity() == 0 || out.last_write.elapsed() > WRITE_IDLE)
             {
                 self.out = None;
             }
