@@ -950,7 +950,7 @@ where
         self.conn.on_outbound(&mut packet);
         trace!(?packet, "sending");
         let protocol = self.conn.protocol();
-        let out = self.out.get_or_insert_with(Out::new);
+        let out = self.out();
         let result = match &packet {
             Packet::Publish(p) if p.payload.len() >= SHARE_PAYLOAD => {
                 let payload = p.payload.clone();
@@ -972,6 +972,11 @@ where
     /// Bytes waiting to be written.
     fn queued(&self) -> usize {
         self.out.as_ref().map_or(0, |o| o.queued())
+    }
+
+    /// The write side, set up when the first output since the last release needs it.
+    fn out(&mut self) -> &mut Out {
+        self.out.get_or_insert_with(Out::new)
     }
 
     /// Moves packets from the outbox into the write buffer while it is below the high-water
@@ -1020,7 +1025,7 @@ where
             }
         };
         if batch.capacity() > 0 {
-            self.out.get_or_insert_with(Out::new).batch = batch;
+            self.out().batch = batch;
         }
         result
     }
@@ -1043,10 +1048,7 @@ where
                 code,
                 ..Default::default()
             });
-            let _ = ack.encode(
-                Protocol::V3_1_1,
-                &mut self.out.get_or_insert_with(Out::new).wbuf,
-            );
+            let _ = ack.encode(Protocol::V3_1_1, &mut self.out().wbuf);
             return;
         }
         self.refuse_input(code, e.to_string().into());

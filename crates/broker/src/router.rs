@@ -213,12 +213,8 @@ pub async fn run(
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(256);
     loop {
-        // The rest of a large hand-out goes once the connections woken by its first part
-        // have run (written), and before any new event.
-        if !r.ready.is_empty() {
-            requeue().await;
-            r.hand_out(usize::MAX);
-        }
+        // Everything queued goes to the outboxes before the next event.
+        r.hand_out(usize::MAX);
         let deadline = broker.poll_timeout();
         tokio::select! {
             n = rx.recv_many(&mut batch, 256) => {
@@ -228,19 +224,16 @@ pub async fn run(
             }
             Some((n, result)) = commit_rx.recv() => {
                 r.part_done(&mut broker, n, result);
-                r.hand_out(usize::MAX);
                 continue;
             }
             _ = std::future::ready(()), if r.evictions_ready() => {
                 // Evictions left over from a bounded round: go on between other events.
                 r.run_evictions(&mut broker);
-                r.hand_out(usize::MAX);
                 continue;
             }
             _ = sweep.tick(), if sweeping => {
                 r.sweep(&mut broker);
                 r.take_loads(&mut broker);
-                r.hand_out(usize::MAX);
                 continue;
             }
             _ = sleep_until(deadline) => {
@@ -248,7 +241,6 @@ pub async fn run(
                 r.dispatch(&mut broker);
                 r.submit(&mut broker);
                 r.take_loads(&mut broker);
-                r.hand_out(usize::MAX);
                 continue;
             }
         }
@@ -309,10 +301,11 @@ pub async fn run(
         r.dispatch(&mut broker);
         r.submit(&mut broker);
         r.take_loads(&mut broker);
-        if events <= FEW_EVENTS {
+        if events <= FEW_EVENTS && r.ready.len() > HAND_OUT {
+            // A fan-out: its first part goes now, and the connections it woke write before
+            // the router hands out the rest (at the top of the loop).
             r.hand_out(HAND_OUT);
-        } else {
-            r.hand_out(usize::MAX);
+            requeue().await;
         }
     }
 }
