@@ -32,7 +32,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Sleep;
 use tracing::{debug, trace};
@@ -46,11 +46,19 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// so that unread input does not make the kernel reset the connection before the client has
 /// read our last packets (e.g. the DISCONNECT that says why).
 const LINGER: Duration = Duration::from_secs(2);
+/// What a busy connection reserves in its own read buffer for each read.
 const READ_CHUNK: usize = 4096;
-/// What an idle connection reserves to read into: enough for a PINGREQ or a small PUBLISH. A
-/// read that fills it switches the connection to `READ_CHUNK`s until it is idle again, so an
-/// idle connection holds a few dozen bytes of buffer, not kilobytes.
-const READ_IDLE: usize = 64;
+
+thread_local! {
+    /// Where a quiet connection reads: one buffer per worker thread. What arrived is copied into
+    /// a read buffer of exactly its size, so a quiet connection reads any packet in one system
+    /// call and holds no buffer while it waits. (A fixed small buffer of its own cost a
+    /// second read for every packet larger than it, and an allocation per poll.) A read that
+    /// fills this switches the connection to reading `READ_CHUNK`s into its own buffer, with
+    /// no copy, until it is quiet again.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
 /// A connection that wrote nothing for this long gives its write buffer back (at its next
 /// event, typically a PINGREQ).
 const WRITE_IDLE: Duration = Duration::from_secs(1);
@@ -379,12 +387,30 @@ where
         Poll::Pending
     }
 
-    /// Reads what the socket has into the read buffer (a small one while the connection is
-    /// quiet).
+    /// Reads what the socket has into the read buffer: through the thread's [`SCRATCH`]
+    /// while the connection is quiet and has no partial packet, else straight into its own
+    /// buffer.
     fn poll_input(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        let want = if self.busy { READ_CHUNK } else { READ_IDLE };
-        if self.rbuf.capacity() - self.rbuf.len() < want / 4 {
-            self.rbuf.reserve(want);
+        if !self.busy && self.rbuf.is_empty() {
+            let read = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.try_borrow_mut().ok()?;
+                let mut buf = ReadBuf::new(&mut scratch);
+                Some(match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) => {
+                        let n = buf.filled().len();
+                        self.busy = n == READ_CHUNK;
+                        self.rbuf = BytesMut::from(buf.filled());
+                        Poll::Ready(Ok(n))
+                    }
+                    other => other.map_ok(|()| 0),
+                })
+            });
+            if let Some(read) = read {
+                return read;
+            }
+        }
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
         }
         let spare = self.rbuf.capacity() - self.rbuf.len();
         let n = ready!(tokio_util::io::poll_read_buf(

@@ -162,42 +162,87 @@ async fn pubacks_in_a_row_all_apply_before_what_follows_them() {
     server.shutdown().await;
 }
 
-/// Large payloads are written from the message's own buffer, next to small packets copied into
-/// the write buffer. A subscriber that does not read for a while makes the socket take them
-/// piecemeal (partial vectored writes); every message must still arrive whole and in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_and_small_messages_arrive_whole_and_in_order_through_partial_writes() {
-    use common::{encode, publish};
-    use ferry_codec::{Packet, QoS};
+/// A server, a v3 subscriber to `{name}/t` and a publisher.
+async fn relay(name: &str) -> (ferry_broker::Server, Client, Client) {
     let server = start(|_| {}).await;
     let addr = server.local_addr();
-    let mut sub = Client::v3(addr, &cid("big-sub")).await;
-    sub.subscribe(1, "big/t", QoS::AtMostOnce).await;
-    let mut publisher = Client::v3(addr, &cid("big-pub")).await;
-    let sizes = [10usize, 5_000, 1_024, 1_023, 200_000, 3, 150_000];
-    let payload = |i: usize| -> Vec<u8> {
-        let size = sizes[i % sizes.len()];
-        (0..size).map(|j| (i * 31 + j * 7) as u8).collect()
-    };
-    // ~15 MB: more than the kernel's socket buffers take while the subscriber is not reading.
-    const MESSAGES: usize = 300;
+    let mut sub = Client::v3(addr, &cid(&format!("{name}-sub"))).await;
+    sub.subscribe(1, &format!("{name}/t"), ferry_codec::QoS::AtMostOnce)
+        .await;
+    let publisher = Client::v3(addr, &cid(&format!("{name}-pub"))).await;
+    (server, sub, publisher)
+}
+
+/// `count` payloads, payload `i` of `sizes[i % len]` bytes in a pattern of its own.
+fn payloads(sizes: &[usize], count: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            (0..sizes[i % sizes.len()])
+                .map(|j| (i * 31 + j * 7) as u8)
+                .collect()
+        })
+        .collect()
+}
+
+/// The QoS 0 PUBLISHes of `payloads` to `topic`, encoded back to back.
+fn encode_all(topic: &str, payloads: &[Vec<u8>]) -> Vec<u8> {
+    use ferry_codec::QoS;
     let mut bytes = Vec::new();
-    for i in 0..MESSAGES {
-        let p = publish("big/t", QoS::AtMostOnce, 0, &payload(i));
-        bytes.extend(encode(&p, Protocol::V3_1_1));
+    for p in payloads {
+        let packet = common::publish(topic, QoS::AtMostOnce, 0, p);
+        bytes.extend(common::encode(&packet, Protocol::V3_1_1));
     }
-    publisher.send_raw(&bytes).await;
-    // Not reading yet: the server's writes to this subscriber fill the socket and stop part-way.
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    for i in 0..MESSAGES {
+    bytes
+}
+
+/// Every payload arrives whole and in order, and nothing after them.
+async fn expect_payloads(sub: &mut Client, payloads: &[Vec<u8>]) {
+    for (i, want) in payloads.iter().enumerate() {
         match sub.recv().await {
-            Packet::Publish(p) => {
-                assert_eq!(p.payload.len(), payload(i).len(), "message {i}: length");
-                assert!(p.payload[..] == payload(i)[..], "message {i}: content");
+            ferry_codec::Packet::Publish(p) => {
+                assert_eq!(p.payload.len(), want.len(), "message {i}: length");
+                assert!(p.payload[..] == want[..], "message {i}: content");
             }
             other => panic!("message {i}: expected PUBLISH, got {other:?}"),
         }
     }
     sub.expect_silence(Duration::from_millis(200)).await;
+}
+
+/// A quiet connection reads through a buffer shared by the worker thread and keeps only what
+/// arrived; a read that fills it switches the connection to its own buffer. Packets that
+/// arrive in pieces of every size around that switch (1 byte, across frame boundaries, exactly
+/// the shared buffer, one more), with pauses so each piece is a read of its own, must still
+/// arrive whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_arriving_in_pieces_of_any_size_are_read_whole_and_in_order() {
+    let (server, mut sub, mut publisher) = relay("piece").await;
+    let messages = payloads(&[3, 4_090, 4_096, 9_000, 60, 0, 100], 40);
+    let bytes = encode_all("piece/t", &messages);
+    let pieces = [1usize, 4_095, 4_096, 4_097, 2, 37, 8_192, 5, 12_000];
+    let (mut at, mut k) = (0, 0);
+    while at < bytes.len() {
+        let n = pieces[k % pieces.len()].min(bytes.len() - at);
+        publisher.send_raw(&bytes[at..at + n]).await;
+        at += n;
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    expect_payloads(&mut sub, &messages).await;
+    server.shutdown().await;
+}
+
+/// Large payloads are written from the message's own buffer, next to small packets copied into
+/// the write buffer. A subscriber that does not read for a while makes the socket take them
+/// piecemeal (partial vectored writes); every message must still arrive whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_and_small_messages_arrive_whole_and_in_order_through_partial_writes() {
+    let (server, mut sub, mut publisher) = relay("big").await;
+    // ~15 MB: more than the kernel's socket buffers take while the subscriber is not reading.
+    let messages = payloads(&[10, 5_000, 1_024, 1_023, 200_000, 3, 150_000], 300);
+    publisher.send_raw(&encode_all("big/t", &messages)).await;
+    // Not reading yet: the server's writes to this subscriber fill the socket and stop part-way.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    expect_payloads(&mut sub, &messages).await;
     server.shutdown().await;
 }
