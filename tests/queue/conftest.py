@@ -4,7 +4,8 @@
 ``target/debug/ferry``). Each server runs ``ferry serve`` on ports 0 with a temporary data
 directory and a config file (``queue.max_attempts = 2`` so the dead-letter test is quick); the
 addresses are read from its ``ferry: ... listening on <addr>`` lines. Processes are stopped by
-their PID only.
+their PID only. Each server's log goes to ``ferry.stderr.log`` in its test's directory, at
+level ``$FERRY_TEST_LOG`` (default ``warn``; e.g. ``debug`` to follow a flaky test).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Ferry:
         cmd = [str(self.binary), "serve", "--config", str(self.config_path),
                "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0",
                "--queue-listen", "127.0.0.1:0", "--data-dir", str(self.data_dir),
-               "--log-level", "warn"]
+               "--log-level", os.environ.get("FERRY_TEST_LOG", "warn")]
         self.log_path = self.workdir / "ferry.stderr.log"
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -555,6 +555,13 @@ impl Queue {
                     ..Group::default()
                 },
             );
+            // Stored with this pass: a group that started at the end of the topic must
+            // still start there after a restart, even if it received nothing before it.
+            ops.push(Op::put(
+                Space::Queue,
+                codec::group_key(tid, &req.group),
+                codec::two_u64(cursor, 0),
+            ));
         }
         let first = t.first;
         let limit = t.visible_limit();

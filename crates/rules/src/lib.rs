@@ -91,8 +91,9 @@ pub struct Rules {
     inflow: Mutex<HashMap<(String, String), Running>>,
     remotes: Mutex<HashMap<RemoteKey, Arc<RemoteQueue>>>,
     stats: Arc<RuleStats>,
-    /// Status events taken from the channel and not yet appended.
-    status_busy: AtomicU64,
+    /// Status events reported and not yet appended (or given up): counted before they enter
+    /// the channel, so [`Rules::drain_status`] never sees an event in neither place.
+    status_pending: AtomicU64,
 }
 
 impl Rules {
@@ -110,7 +111,7 @@ impl Rules {
             inflow: Mutex::new(HashMap::new()),
             remotes: Mutex::new(HashMap::new()),
             stats: Arc::new(RuleStats::default()),
-            status_busy: AtomicU64::new(0),
+            status_pending: AtomicU64::new(0),
         });
         rules.rebuild();
         rules
@@ -163,9 +164,7 @@ impl Rules {
     pub async fn drain_status(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let idle = self.status_tx.capacity() == self.status_tx.max_capacity()
-                && self.status_busy.load(Ordering::Acquire) == 0;
-            if idle {
+            if self.status_pending.load(Ordering::Acquire) == 0 {
                 return true;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -325,7 +324,9 @@ impl Hooks for Rules {
     fn status(&self, event: StatusEvent) {
         // The broker asked `wants_status` first; a rule removed since is skipped when the
         // event is appended (`status_loop` looks the rule up again).
+        self.status_pending.fetch_add(1, Ordering::AcqRel);
         if self.status_tx.try_send(event).is_err() {
+            self.status_pending.fetch_sub(1, Ordering::AcqRel);
             let n = self.stats.status_dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
                 warn!(
@@ -391,7 +392,6 @@ async fn status_loop(rules: Arc<Rules>, mut rx: mpsc::Receiver<StatusEvent>) {
     let mut events = Vec::with_capacity(256);
     while rx.recv_many(&mut events, 256).await > 0 {
         let taken = events.len() as u64;
-        rules.status_busy.fetch_add(taken, Ordering::AcqRel);
         let snap = rules.snapshot();
         let mut rule_names = Vec::new();
         let mut sends: Vec<(Arc<dyn QueueClient>, NewMessage)> = Vec::new();
@@ -415,7 +415,7 @@ async fn status_loop(rules: Arc<Rules>, mut rx: mpsc::Receiver<StatusEvent>) {
                 }
             }
         }
-        rules.status_busy.fetch_sub(taken, Ordering::AcqRel);
+        rules.status_pending.fetch_sub(taken, Ordering::AcqRel);
     }
 }
 
