@@ -854,6 +854,20 @@ mod tests {
         out
     }
 
+    /// Takes what `outbox` has into `into` until `done(into)`, sleeping on the outbox between
+    /// tries (this task is then woken by the next push).
+    async fn take_until(outbox: &Outbox, into: &mut Vec<Packet>, done: fn(&[Packet]) -> bool) {
+        std::future::poll_fn(|cx| {
+            outbox.take(into, usize::MAX, cx.waker());
+            if done(into) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
     fn publishes(packets: &[Packet]) -> Vec<Vec<u8>> {
         packets
             .iter()
@@ -915,14 +929,8 @@ mod tests {
         // Wait for the SUBACKs (and clear the CONNACKs), registering this task with the first
         // subscriber's outbox.
         let first = outboxes[0].clone();
-        std::future::poll_fn(|cx| {
-            let mut out = Vec::new();
-            first.take(&mut out, usize::MAX, cx.waker());
-            if out.iter().any(|p| matches!(p, Packet::SubAck(_))) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
+        take_until(&first, &mut Vec::new(), |got| {
+            got.iter().any(|p| matches!(p, Packet::SubAck(_)))
         })
         .await;
         for outbox in &outboxes[1..] {
@@ -948,15 +956,7 @@ mod tests {
         // Woken by the first subscriber's delivery: the router has yielded after its first
         // part of the hand-out, so the last subscriber has nothing yet.
         let mut got: Vec<Vec<Packet>> = vec![Vec::new(); SUBSCRIBERS];
-        std::future::poll_fn(|cx| {
-            first.take(&mut got[0], usize::MAX, cx.waker());
-            if got[0].is_empty() {
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        })
-        .await;
+        take_until(&first, &mut got[0], |got| !got.is_empty()).await;
         assert!(
             taken(&outboxes[SUBSCRIBERS - 1]).is_empty(),
             "the rest of the fan-out waits until the first connections ran"

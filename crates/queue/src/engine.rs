@@ -92,6 +92,29 @@ impl Topic {
     fn next(&self) -> u64 {
         self.first + self.index.len() as u64
     }
+    /// Creates `group` at `start` unless it exists, and stores where it starts (so a group
+    /// that received nothing yet still starts there after a restart).
+    fn add_group(&mut self, group: &str, start: Start, ops: &mut Vec<Op>) {
+        if self.groups.contains_key(group) {
+            return;
+        }
+        let cursor = match start {
+            Start::End => self.next(),
+            Start::Beginning => self.first,
+        };
+        self.groups.insert(
+            group.to_string(),
+            Group {
+                cursor,
+                ..Group::default()
+            },
+        );
+        ops.push(Op::put(
+            Space::Queue,
+            codec::group_key(self.id, group),
+            codec::two_u64(cursor, 0),
+        ));
+    }
     /// Offsets below this are committed (or failed) and may be delivered.
     fn visible_limit(&self) -> u64 {
         self.pending.first().copied().unwrap_or_else(|| self.next())
@@ -387,24 +410,7 @@ impl Queue {
         {
             let mut st = self.lock();
             let t = self.topic_mut(&mut st, ns, topic, auto, &mut ops)?;
-            if !t.groups.contains_key(group) {
-                let cursor = match start {
-                    Start::End => t.next(),
-                    Start::Beginning => t.first,
-                };
-                t.groups.insert(
-                    group.to_string(),
-                    Group {
-                        cursor,
-                        ..Group::default()
-                    },
-                );
-                ops.push(Op::put(
-                    Space::Queue,
-                    codec::group_key(t.id, group),
-                    codec::two_u64(cursor, 0),
-                ));
-            }
+            t.add_group(group, start, &mut ops);
         }
         self.persist_nowait(ops)
     }
@@ -543,26 +549,8 @@ impl Queue {
         let t = self.topic_mut(&mut st, ns, &req.topic, cfg.auto_create_topics, &mut ops)?;
         let tid = t.id;
         let notify = t.notify.clone();
-        if !t.groups.contains_key(&req.group) {
-            let cursor = match self.default_start_for(&req.topic) {
-                Start::End => t.next(),
-                Start::Beginning => t.first,
-            };
-            t.groups.insert(
-                req.group.clone(),
-                Group {
-                    cursor,
-                    ..Group::default()
-                },
-            );
-            // Stored with this pass: a group that started at the end of the topic must
-            // still start there after a restart, even if it received nothing before it.
-            ops.push(Op::put(
-                Space::Queue,
-                codec::group_key(tid, &req.group),
-                codec::two_u64(cursor, 0),
-            ));
-        }
+        // Stored with this pass.
+        t.add_group(&req.group, self.default_start_for(&req.topic), &mut ops);
         let first = t.first;
         let limit = t.visible_limit();
         let mut picked: Vec<(u64, u32, u64)> = Vec::new(); // offset, attempt, seq
