@@ -543,3 +543,79 @@ def test_instances_share_nothing(ferry, clients):
     assert ferry.ctl("subscribers", only_a, instance="iso-a")["subscriber_count"] == 1
     assert ferry.ctl("subscribers", only_a, instance="iso-b")["subscriber_count"] == 0
     assert ferry.ctl("subscribers", only_a)["subscriber_count"] == 0
+
+
+# -- /metrics -------------------------------------------------------------------------------
+
+
+def scrape(ferry: Ferry, auth: bool = True) -> tuple[int, str, str]:
+    """GET /metrics as Prometheus does (HTTP Basic with the data directory's admin key):
+    status, content type, body."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(ferry.api.rstrip("/") + "/metrics")
+    if auth:
+        key = json.loads((ferry.data_dir / "admin-key.json").read_text())
+        token = base64.b64encode(
+            f"{key['access_key_id']}:{key['access_key_secret']}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=WAIT) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample, parsed by the Prometheus project's own Python parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        assert family.documentation, f"{family.name} has no HELP"
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_parse_as_prometheus_text_and_count_a_real_exchange(cloud, clients):
+    ferry = cloud.ferry
+    status, _, body = scrape(ferry, auth=False)
+    assert status == 401 and json.loads(body)["code"] == "Unauthorized"
+
+    def now():
+        status, ctype, text = scrape(ferry)
+        assert status == 200 and ctype.startswith("text/plain; version=0.0.4"), (status, ctype)
+        return samples(text)
+
+    received = ("ferry_messages_received_total", ())
+    sent = ("ferry_messages_sent_total", ())
+    before = now()
+    assert before[("ferry_build_info", (("version", "0.1.0"),))] == 1
+    assert ("ferry_messages_dropped_total", (("reason", "qos0_outbox_full"),)) in before
+
+    sub = signature_client(clients, cloud, V5, f"{GROUP}@@@metrics-sub").connect()
+    assert sub.subscribe(f"{PARENT}/metrics/#", qos=1) == [1]
+    pub = signature_client(clients, cloud, V311, f"{GROUP}@@@metrics-pub").connect()
+    for i in range(5):
+        pub.publish(f"{PARENT}/metrics/{i}", b"m", qos=1)
+    assert len(sub.expect_messages(5)) == 5
+
+    deadline = time.monotonic() + WAIT
+    while True:  # the router publishes its counters after each batch
+        after = now()
+        if after[sent] - before[sent] == 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert after[received] - before[received] == 5
+    assert after[sent] - before[sent] == 5
+    assert after[("ferry_connections", ())] >= 2
+
+    # The CLI shows the same counters, as text and as JSON.
+    text = ferry.ctl_run("metrics")
+    assert text.returncode == 0, text.stderr
+    assert samples(text.stdout)[received] == after[received]
+    as_json = ferry.ctl("metrics")
+    assert as_json["ferry_messages_received_total"] == after[received]
+    assert as_json['ferry_messages_dropped_total{reason="queue_full"}'] == 0

@@ -5,10 +5,12 @@
 //!   document at `/api/v1/openapi.json`.
 //! - [`rpc`]: the cloud-compatible RPC API (`/?Action=…&Version=2020-04-20`, HMAC-SHA1 request
 //!   signatures), so the cloud's official SDKs work against Ferry.
+//! - [`metrics`]: the broker's counters at `/metrics` (Prometheus text format, admin key).
 //!
 //! Neither holds state of its own: they call [`ferry_meta::Meta`] (resources) and
 //! [`ferry_broker::Control`] (clients, kick, publish).
 
+pub mod metrics;
 pub mod openapi;
 pub mod rest;
 pub mod rpc;
@@ -35,7 +37,10 @@ pub struct AdminState {
 
 /// The whole management application.
 pub fn app(state: AdminState) -> axum::Router {
-    rest::routes().merge(rpc::routes()).with_state(state)
+    rest::routes()
+        .merge(rpc::routes())
+        .route("/metrics", metrics::route())
+        .with_state(state)
 }
 
 /// Serves the management API on `listener` until `shutdown` completes.

@@ -758,28 +758,32 @@ pub fn routes() -> Router<AdminState> {
             .map(|m| m.as_str())
             .collect::<Vec<_>>()
             .join(", ");
-        let fallback = move |req: Request| {
-            let allow = allow.clone();
-            async move {
-                let mut res = ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "MethodNotAllowed",
-                    format!(
-                        "{} {}: allowed methods are {allow}",
-                        req.method(),
-                        req.uri().path()
-                    ),
-                )
-                .into_response();
-                if let Ok(v) = HeaderValue::from_str(&allow) {
-                    res.headers_mut().insert(ALLOW, v);
-                }
-                res
-            }
-        };
-        router = router.route(path, mr.fallback(fallback));
+        router = router.route(path, mr.fallback(method_not_allowed(allow)));
     }
     router.route("/api/v1/{*rest}", any(no_route))
+}
+
+/// The handler for a path's other methods: a JSON 405 naming the allowed ones (`allow`, as in
+/// the `Allow` header it also sets).
+pub(crate) fn method_not_allowed(
+    allow: String,
+) -> impl Fn(Request) -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
+    move |req: Request| {
+        let mut res = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!(
+                "{} {}: allowed methods are {allow}",
+                req.method(),
+                req.uri().path()
+            ),
+        )
+        .into_response();
+        if let Ok(v) = HeaderValue::from_str(&allow) {
+            res.headers_mut().insert(ALLOW, v);
+        }
+        std::future::ready(res)
+    }
 }
 
 async fn no_route(req: Request) -> ApiError {

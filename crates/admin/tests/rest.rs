@@ -1504,3 +1504,98 @@ async fn cloud_instance_messages() {
     assert_eq!(env.get(&format!("{base}/clients")).await.json(), json!([]));
     env.stop().await;
 }
+
+/// The value of one sample (`series` as written: name and labels) in a `/metrics` answer.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `/metrics` serves the broker's live counters in the Prometheus text format, to an admin
+/// key only, and counts what real MQTT clients do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_in_the_prometheus_text_format() {
+    let env = Env::start().await;
+    env.raw("GET", "/metrics", &[], None)
+        .await
+        .error(401, "Unauthorized");
+    let r = env.call("POST", "/metrics", None).await;
+    r.error(405, "MethodNotAllowed");
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+
+    let scrape = || async {
+        let r = env.get("/metrics").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8")
+        );
+        String::from_utf8(r.body).expect("UTF-8")
+    };
+    // Waits (bounded) until the router has published its counters.
+    let scrape_until = |series: &'static str, want: f64| async move {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let text = scrape().await;
+            if sample(&text, series) == Some(want) {
+                return text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} never became {want}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    let text = scrape().await;
+    assert_eq!(sample(&text, "ferry_connections"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "ferry_messages_received_total"), Some(0.0));
+    assert_eq!(
+        sample(&text, "ferry_build_info{version=\"0.1.0\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(sample(&text, "ferry_uptime_seconds").unwrap() > 0.0);
+
+    let mut sub = Mqtt::connect(env.mqtt, "sub").await;
+    sub.subscribe("m/#", QoS::AtMostOnce).await;
+    let mut publisher = Mqtt::connect(env.mqtt, "pub").await;
+    for i in 0..3u8 {
+        publisher
+            .send(Packet::Publish(ferry_codec::Publish {
+                topic: "m/x".into(),
+                payload: Bytes::from(vec![i]),
+                ..Default::default()
+            }))
+            .await;
+        match sub.recv().await {
+            Some(Packet::Publish(p)) => assert_eq!(&p.payload[..], &[i]),
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    let text = scrape_until("ferry_messages_sent_total", 3.0).await;
+    assert_eq!(sample(&text, "ferry_messages_received_total"), Some(3.0));
+    assert_eq!(sample(&text, "ferry_connections"), Some(2.0), "{text}");
+    assert_eq!(sample(&text, "ferry_sessions"), Some(2.0), "{text}");
+    for reason in ["qos0_outbox_full", "queue_full", "too_large", "expired"] {
+        let series = format!("ferry_messages_dropped_total{{reason=\"{reason}\"}}");
+        assert_eq!(sample(&text, &series), Some(0.0), "{series}\n{text}");
+    }
+
+    // A retained message, and a client that goes: the gauges follow.
+    publisher
+        .send(Packet::Publish(ferry_codec::Publish {
+            topic: "m/r".into(),
+            payload: Bytes::from_static(b"kept"),
+            retain: true,
+            ..Default::default()
+        }))
+        .await;
+    scrape_until("ferry_retained_messages", 1.0).await;
+    drop(publisher);
+    scrape_until("ferry_connections", 1.0).await;
+    drop(sub);
+    env.stop().await;
+}

@@ -165,6 +165,16 @@ impl Control {
         self.instances.metrics.alarms.list(Some(instance))
     }
 
+    /// The process-wide counters (all instances), as `/metrics` exports them.
+    pub fn metrics(&self) -> &crate::Metrics {
+        &self.instances.metrics
+    }
+
+    /// How long the broker has been running.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.0.elapsed()
+    }
+
     /// The instance of clients without a cloud user name.
     pub fn default_instance(&self) -> &str {
         &self.instances.default_instance

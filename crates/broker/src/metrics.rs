@@ -11,6 +11,10 @@ pub struct Metrics {
     pub dropped_qos0: AtomicU64,
     /// QoS 1/2 messages dropped because a session's queue was full.
     pub dropped_queue_full: AtomicU64,
+    /// Messages not sent because they exceed the client's maximum packet size.
+    pub dropped_too_large: AtomicU64,
+    /// Messages dropped because their message expiry interval ran out while queued.
+    pub dropped_expired: AtomicU64,
     pub sessions: AtomicU64,
     pub retained: AtomicU64,
     /// Connections closed for malformed or hostile input.

@@ -772,6 +772,16 @@ impl Router {
             seen.stats.dropped_queue_full,
         );
         add(
+            &metrics.dropped_too_large,
+            stats.dropped_too_large,
+            seen.stats.dropped_too_large,
+        );
+        add(
+            &metrics.dropped_expired,
+            stats.dropped_expired,
+            seen.stats.dropped_expired,
+        );
+        add(
             &metrics.offline_evicted,
             stats.evicted_offline,
             seen.stats.evicted_offline,

@@ -99,6 +99,9 @@ enum Resource {
     Rules(RuleCmd),
     /// The instance's alarm events (e.g. offline messages evicted at its cap).
     Alarms,
+    /// The broker's counters, all instances (`/metrics`, Prometheus text format; with --json,
+    /// one object of series and values).
+    Metrics,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -437,8 +440,26 @@ impl Api {
         })
     }
 
+    /// One REST call (`path` under `/api/v1`); the reply parsed as JSON.
     fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Reply> {
-        let url = format!("{}/api/v1{}", self.base, path);
+        let name = method.name();
+        let (raw, url) = self.send(method, &format!("/api/v1{path}"), body)?;
+        let json = if raw.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&raw).map_err(|e| {
+                anyhow!(
+                    "the API at {} answered {name} {url} with invalid JSON: {e}",
+                    self.base
+                )
+            })?
+        };
+        Ok(Reply { raw, json })
+    }
+
+    /// One HTTP call to `path` (from the root); the body of a successful answer, and the URL.
+    fn send(&self, method: Method, path: &str, body: Option<Value>) -> Result<(String, String)> {
+        let url = format!("{}{}", self.base, path);
         let result = match (&method, body) {
             (Method::Get, _) => self
                 .agent
@@ -484,18 +505,7 @@ impl Api {
         if !status.is_success() {
             return Err(api_error(status, &raw, method.name(), &url));
         }
-        let json = if raw.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&raw).map_err(|e| {
-                anyhow!(
-                    "the API at {} answered {} {url} with invalid JSON: {e}",
-                    self.base,
-                    method.name()
-                )
-            })?
-        };
-        Ok(Reply { raw, json })
+        Ok((raw, url))
     }
 
     fn transport_error(&self, e: ureq::Error) -> anyhow::Error {
@@ -512,6 +522,22 @@ impl Api {
         };
         anyhow!("cannot reach the Ferry API at {}: {reason}", self.base)
     }
+}
+
+/// The samples of a Prometheus text exposition, series (name and labels, as written) to value:
+/// whole numbers as JSON integers.
+fn metric_samples(text: &str) -> Map<String, Value> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.trim().rsplit_once(' ')?;
+            let value = match value.parse::<u64>() {
+                Ok(n) => Value::from(n),
+                Err(_) => Value::from(value.parse::<f64>().ok()?),
+            };
+            Some((series.to_string(), value))
+        })
+        .collect()
 }
 
 /// `http://host:port` without a trailing slash; a bare `host:port` gets `http://`.
@@ -1050,6 +1076,17 @@ fn execute(args: CtlArgs) -> Result<String> {
                 )
             }),
         ),
+        Resource::Metrics => {
+            let (text, _) = api.send(Method::Get, "/metrics", None)?;
+            let samples = metric_samples(&text);
+            (
+                Reply {
+                    raw: Value::Object(samples.clone()).to_string(),
+                    json: Value::Object(samples),
+                },
+                Box::new(move |o, _| o.text.push_str(&text)),
+            )
+        }
         Resource::AdminKeys(cmd) => match cmd {
             AdminKeyCmd::List => (
                 api.call(Method::Get, "/admin-keys", None)?,
@@ -1343,5 +1380,16 @@ mod tests {
         );
         let e = api_error(ureq::http::StatusCode::NOT_FOUND, "", "GET", "http://x/y");
         assert_eq!(e.to_string(), "HTTP 404 Not Found for GET http://x/y");
+    }
+
+    #[test]
+    fn metric_samples_keep_labels_and_number_kinds() {
+        let text = "# HELP a_total A.\n# TYPE a_total counter\na_total 3\n\
+                    b{reason=\"x y\"} 0\nc_seconds 1.5\nbroken\nd NaNish\n";
+        let v = Value::Object(metric_samples(text));
+        assert_eq!(
+            v,
+            json!({"a_total": 3, "b{reason=\"x y\"}": 0, "c_seconds": 1.5})
+        );
     }
 }
