@@ -92,7 +92,10 @@ class PahoClient:
         clean: bool = True,
         session_expiry: int | None = None,
         keepalive: int = 30,
+        tls: dict | None = None,
     ) -> None:
+        """``tls``: keyword arguments for paho's ``tls_set`` (MQTT over TLS), and
+        ``insecure=True`` to skip the host name check."""
         self.endpoint = endpoint
         self.version = version
         self.client_id = client_id or unique_id("paho")
@@ -108,6 +111,11 @@ class PahoClient:
             reconnect_on_failure=False,
             **extra,
         )
+        if tls is not None:
+            tls = dict(tls)
+            insecure = tls.pop("insecure", False)
+            self._client.tls_set(**tls)
+            self._client.tls_insecure_set(insecure)
         self.messages: queue.Queue[Received] = queue.Queue()
         self._cond = threading.Condition()
         self._connack: Connack | None = None

@@ -1,8 +1,8 @@
 //! Ferry's MQTT runtime around the sans-I/O core.
 //!
 //! Where things are:
-//! - [`server`]: [`Server::start`] binds the TCP listener, spawns the router task and one task
-//!   per connection; [`Server::shutdown`] stops accepting, sends DISCONNECT 0x8B and drains.
+//! - [`server`]: [`Server::start`] binds the TCP listener (and the TLS one when configured),
+//!   spawns the router task and one task per connection; [`Server::shutdown`] stops accepting, sends DISCONNECT 0x8B and drains.
 //! - `instances`: one router task per instance, started on first use.
 //! - `router`: the task that owns an instance's [`ferry_core::Broker`] and dispatches its
 //!   outputs.
@@ -38,7 +38,7 @@ pub use control::{ClientView, Control, ControlError, PublishRequest};
 pub use hooks::{Hooks, StatusEvent, StatusKind};
 pub use instances::instance_limits;
 pub use metrics::Metrics;
-pub use server::{Config, Server};
+pub use server::{Config, Server, TlsListener};
 
 /// What every connection task shares.
 pub(crate) struct Shared {
@@ -50,4 +50,6 @@ pub(crate) struct Shared {
     pub metrics: std::sync::Arc<Metrics>,
     pub failed_logins: logins::FailedLogins,
     pub started: (std::time::Instant, std::time::SystemTime),
+    /// The id of the next accepted connection, all listeners together.
+    pub next_conn_id: std::sync::atomic::AtomicU64,
 }

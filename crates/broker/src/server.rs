@@ -1,4 +1,5 @@
-//! The TCP listener, the instances' router tasks, and graceful shutdown.
+//! The MQTT listeners (TCP, and TLS when configured), the instances' router tasks, and
+//! graceful shutdown.
 
 use crate::auth::Authenticator;
 use crate::control::Control;
@@ -8,20 +9,24 @@ use crate::persist::Persistence;
 use crate::{connection, Shared};
 use ferry_core::{Acl, Limits};
 use ferry_meta::{Meta, Profile};
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
-use tracing::{info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
 /// Everything the runtime needs to serve MQTT.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// MQTT over TLS (port 8883 by convention); off when `None`.
+    pub tls: Option<TlsListener>,
     /// The server-wide limits; an instance's settings can narrow them.
     pub limits: Limits,
     /// Server-wide topic ACL, applied in every instance.
@@ -48,6 +53,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            tls: None,
             limits: Limits::default(),
             acl: Acl::default(),
             auth: Authenticator {
@@ -65,12 +71,37 @@ impl Default for Config {
     }
 }
 
+/// The TLS listener: its address and the acceptor holding the certificate and key.
+#[derive(Clone)]
+pub struct TlsListener {
+    pub listen: SocketAddr,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl TlsListener {
+    pub fn new(listen: SocketAddr, config: tokio_rustls::rustls::ServerConfig) -> Self {
+        TlsListener {
+            listen,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        }
+    }
+}
+
+impl fmt::Debug for TlsListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsListener")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A running server.
 pub struct Server {
     local_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     stop_accepting: watch::Sender<bool>,
-    accept: JoinHandle<()>,
+    accept: Vec<JoinHandle<()>>,
 }
 
 impl Server {
@@ -120,6 +151,14 @@ impl Server {
         })?;
         let listener = listen(config.listen)?;
         let local_addr = listener.local_addr()?;
+        let tls_listener = match &config.tls {
+            Some(tls) => Some((listen(tls.listen)?, tls.acceptor.clone())),
+            None => None,
+        };
+        let tls_addr = match &tls_listener {
+            Some((l, _)) => Some(l.local_addr()?),
+            None => None,
+        };
         let metrics = Arc::new(Metrics::default());
         let instances = Arc::new(Instances::new(
             meta,
@@ -146,6 +185,7 @@ impl Server {
             metrics,
             failed_logins: Default::default(),
             started: (Instant::now(), SystemTime::now()),
+            next_conn_id: AtomicU64::new(1),
         });
         let (stop_accepting, stop_rx) = watch::channel(false);
         // Forget tokens a day after they expired, so the registry does not grow without bound.
@@ -167,22 +207,39 @@ impl Server {
         // every pending connection, as an event loop would, instead of yielding after a few
         // and leaving the rest to overflow the listen queue while thousands of connection
         // tasks run (a SYN dropped there costs the client a 1 s retransmission).
-        let accept = tokio::spawn(tokio::task::unconstrained(accept_loop(
+        let mut accept = vec![tokio::spawn(tokio::task::unconstrained(accept_loop(
             listener,
+            None,
             shared.clone(),
-            stop_rx,
-        )));
+            stop_rx.clone(),
+        )))];
         info!(addr = %local_addr, "mqtt listener started");
+        if let Some((listener, acceptor)) = tls_listener {
+            accept.push(tokio::spawn(tokio::task::unconstrained(accept_loop(
+                listener,
+                Some(acceptor),
+                shared.clone(),
+                stop_rx,
+            ))));
+            info!(addr = ?tls_addr, "mqtt tls listener started");
+        }
         Ok(Server {
             local_addr,
+            tls_addr,
             shared,
             stop_accepting,
             accept,
         })
     }
 
+    /// The address of the MQTT/TCP listener.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the MQTT/TLS listener, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -206,7 +263,9 @@ impl Server {
     /// period) for the connections to flush and close.
     pub async fn shutdown(self) {
         let _ = self.stop_accepting.send(true);
-        let _ = self.accept.await;
+        for accept in self.accept {
+            let _ = accept.await;
+        }
         self.shared.instances.shutdown().await;
         let max = self.shared.config.max_connections as u32;
         let drained = tokio::time::timeout(
@@ -242,8 +301,14 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut next_id: u64 = 1;
+/// Accepts connections on `listener` until `stop`; with `tls`, each one does its TLS handshake
+/// first (in its own task).
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut burst = ACCEPT_BURST;
     loop {
         // Outside the cooperative budget, a never-ending flood of connections (admitted or
@@ -276,11 +341,52 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         if !cfg!(target_os = "linux") {
             let _ = stream.set_nodelay(true);
         }
-        let id = next_id;
-        next_id += 1;
+        let id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
         shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", id, %peer, client_id = tracing::field::Empty);
-        let task = connection::ConnTask::new(stream, peer, id, shared.clone(), stop.clone(), span);
-        tokio::spawn(task);
+        match &tls {
+            None => {
+                let task =
+                    connection::ConnTask::new(stream, peer, id, shared.clone(), stop.clone(), span);
+                tokio::spawn(task);
+            }
+            Some(acceptor) => {
+                let handshake =
+                    tls_handshake(acceptor.clone(), stream, shared.clone(), stop.clone());
+                let shared = shared.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    match handshake.await {
+                        // Boxed: the TLS state is large, and only TLS connections carry it.
+                        Ok(tls) => {
+                            connection::ConnTask::new(Box::new(tls), peer, id, shared, stop, span)
+                                .await
+                        }
+                        Err(why) => {
+                            debug!(%peer, error = %why, "TLS handshake failed");
+                            // No driver was made: give its slot back here.
+                            shared.slots.add_permits(1);
+                            shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The server side of a TLS handshake, within the handshake timeout and until shutdown.
+async fn tls_handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    let timeout = shared.config.handshake_timeout;
+    tokio::select! {
+        res = tokio::time::timeout(timeout, acceptor.accept(stream)) => {
+            res.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))?
+        }
+        _ = stop.changed() => Err(io::Error::other("shutting down")),
     }
 }

@@ -108,6 +108,12 @@ impl QueueFile {
 #[serde(deny_unknown_fields, default)]
 pub struct Mqtt {
     pub listen: SocketAddr,
+    /// MQTT over TLS; unset: no TLS listener.
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate (chain) and key of the TLS listener; unset: a self-signed certificate
+    /// for `localhost` and `127.0.0.1`, made at start.
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
     pub max_connections: usize,
     pub handshake_timeout_secs: u64,
     pub max_packet_size: u32,
@@ -132,6 +138,9 @@ impl Default for Mqtt {
         let c = ferry_broker::Config::default();
         Mqtt {
             listen: c.listen,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
             max_connections: c.max_connections,
             handshake_timeout_secs: c.handshake_timeout.as_secs(),
             max_packet_size: c.limits.max_packet_size,
@@ -279,6 +288,29 @@ impl File {
         if m.handshake_timeout_secs == 0 {
             bail!("mqtt.handshake_timeout_secs: must be at least 1");
         }
+        let tls = match (&m.tls_listen, &m.tls_cert, &m.tls_key) {
+            (_, Some(_), None) | (_, None, Some(_)) => {
+                bail!("mqtt.tls_cert and mqtt.tls_key: set both or neither")
+            }
+            (None, Some(_), Some(_)) => {
+                bail!("mqtt.tls_cert: set, but mqtt.tls_listen is not (no TLS listener)")
+            }
+            (None, None, None) => None,
+            (Some(listen), cert, key) => {
+                let files =
+                    cert.as_ref()
+                        .zip(key.as_ref())
+                        .map(|(cert, key)| ferry_queue::TlsFiles {
+                            cert: cert.clone(),
+                            key: key.clone(),
+                        });
+                let config = ferry_queue::tls_server_config(files.as_ref(), "mqtt")?;
+                Some(ferry_broker::TlsListener::new(*listen, config))
+            }
+        };
+        // Anonymous clients by default only when every MQTT listener is on a loopback address.
+        let all_loopback =
+            m.listen.ip().is_loopback() && m.tls_listen.is_none_or(|a| a.ip().is_loopback());
         let mut rules = Vec::with_capacity(self.acl.rules.len());
         for (i, r) in self.acl.rules.iter().enumerate() {
             let field = format!("acl.rules[{i}]");
@@ -310,6 +342,7 @@ impl File {
         let defaults = ferry_broker::Config::default();
         Ok(ferry_broker::Config {
             listen: m.listen,
+            tls,
             limits: ferry_core::Limits {
                 max_packet_size: m.max_packet_size,
                 max_keep_alive: m.max_keep_alive,
@@ -325,10 +358,7 @@ impl File {
             },
             acl,
             auth: Authenticator {
-                allow_anonymous: self
-                    .auth
-                    .allow_anonymous
-                    .unwrap_or_else(|| m.listen.ip().is_loopback()),
+                allow_anonymous: self.auth.allow_anonymous.unwrap_or(all_loopback),
                 users: self
                     .auth
                     .users
@@ -407,5 +437,35 @@ mod tests {
             .to_string()
             .contains("acl.rules[0].filter"));
         assert!(toml::from_str::<File>("[mqtt]\nlisten_port = 1\n").is_err());
+    }
+
+    #[test]
+    fn the_tls_listener_is_checked_and_built() {
+        let err = |toml: &str| {
+            let f: File = toml::from_str(toml).unwrap();
+            f.to_runtime().unwrap_err().to_string()
+        };
+        let e = err("[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"c.pem\"\n");
+        assert!(
+            e.contains("mqtt.tls_cert and mqtt.tls_key: set both"),
+            "{e}"
+        );
+        let e = err("[mqtt]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n");
+        assert!(e.contains("mqtt.tls_listen is not"), "{e}");
+        let e = err(concat!(
+            "[mqtt]\ntls_listen = \"127.0.0.1:0\"\n",
+            "tls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n"
+        ));
+        assert!(e.contains("mqtt.tls_cert /nonexistent/c.pem"), "{e}");
+
+        // No certificate: a self-signed one. Anonymous clients stay allowed only while every
+        // listener is on loopback.
+        let f: File = toml::from_str("[mqtt]\ntls_listen = \"127.0.0.1:0\"\n").unwrap();
+        let c = f.to_runtime().unwrap();
+        assert!(c.tls.is_some());
+        assert!(c.auth.allow_anonymous);
+        let f: File = toml::from_str("[mqtt]\ntls_listen = \"0.0.0.0:8883\"\n").unwrap();
+        assert!(!f.to_runtime().unwrap().auth.allow_anonymous);
+        assert!(File::default().to_runtime().unwrap().tls.is_none());
     }
 }

@@ -41,6 +41,10 @@ struct ServeArgs {
     /// MQTT/TCP listen address (overrides mqtt.listen).
     #[arg(long, env = "FERRY_LISTEN")]
     listen: Option<SocketAddr>,
+    /// MQTT/TLS listen address (overrides mqtt.tls_listen; the certificate is mqtt.tls_cert
+    /// and mqtt.tls_key, else a self-signed one).
+    #[arg(long)]
+    tls_listen: Option<SocketAddr>,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
     #[arg(long, env = "FERRY_LOG")]
     log_level: Option<String>,
@@ -86,6 +90,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     if let Some(v) = args.listen {
         file.mqtt.listen = v;
+    }
+    if let Some(v) = args.tls_listen {
+        file.mqtt.tls_listen = Some(v);
     }
     if let Some(v) = args.max_packet_size {
         file.mqtt.max_packet_size = v;
@@ -261,6 +268,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         {
             let mut out = std::io::stdout().lock();
             writeln!(out, "ferry: mqtt listening on {}", server.local_addr())?;
+            if let Some(addr) = server.tls_addr() {
+                writeln!(out, "ferry: mqtt-tls listening on {addr}")?;
+            }
             if let Some(url) = &api_url {
                 writeln!(out, "ferry: api listening on {url}")?;
             }

@@ -23,5 +23,5 @@ pub mod pb {
 pub use client::{BoxFuture, LocalQueue, QueueClient, RemoteQueue, RemoteQueueConfig};
 pub use engine::Queue;
 pub use model::*;
-pub use server::{serve, QueueServer, ServerConfig, TlsFiles};
+pub use server::{serve, tls_server_config, QueueServer, ServerConfig, TlsFiles};
 pub use service::{Code, MessagingService};

@@ -122,20 +122,32 @@ impl QueueServer {
 
 /// The TLS acceptor (HTTP/2 by ALPN) from PEM files, or with a fresh self-signed certificate.
 pub fn tls_acceptor(files: Option<&TlsFiles>) -> io::Result<TlsAcceptor> {
+    let mut config = tls_server_config(files, "queue")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A TLS server configuration (rustls, ring) from PEM files, or with a fresh self-signed
+/// certificate for `localhost` and `127.0.0.1`. `section` names the configuration section in
+/// errors (`<section>.tls_cert`). Also used for the MQTT TLS listener.
+pub fn tls_server_config(
+    files: Option<&TlsFiles>,
+    section: &str,
+) -> io::Result<rustls::ServerConfig> {
     let bad = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
     let (certs, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) = match files {
         Some(f) => {
             let certs = CertificateDer::pem_file_iter(&f.cert)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| bad(format!("queue.tls_cert {}: {e}", f.cert.display())))?;
+                .map_err(|e| bad(format!("{section}.tls_cert {}: {e}", f.cert.display())))?;
             if certs.is_empty() {
                 return Err(bad(format!(
-                    "queue.tls_cert {}: no certificate",
+                    "{section}.tls_cert {}: no certificate",
                     f.cert.display()
                 )));
             }
             let key = PrivateKeyDer::from_pem_file(&f.key)
-                .map_err(|e| bad(format!("queue.tls_key {}: {e}", f.key.display())))?;
+                .map_err(|e| bad(format!("{section}.tls_key {}: {e}", f.key.display())))?;
             (certs, key)
         }
         None => {
@@ -149,14 +161,12 @@ pub fn tls_acceptor(files: Option<&TlsFiles>) -> io::Result<TlsAcceptor> {
         }
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(format!("TLS: {e}")))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| bad(format!("TLS certificate/key: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+        .map_err(|e| bad(format!("{section}: TLS certificate/key: {e}")))
 }
 
 /// Serves gRPC on `listener` until `shutdown` resolves; each connection is TLS or plaintext by

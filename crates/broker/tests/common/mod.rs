@@ -12,8 +12,12 @@ use ferry_codec::{
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// A client's byte stream: TCP, or TLS over TCP.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// The bound on every single read (and on "is it closed yet").
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -112,9 +116,9 @@ pub fn subscribe(packet_id: u16, filter: &str, qos: QoS) -> Packet {
     })
 }
 
-/// A raw TCP client that speaks `protocol` when it decodes the server's answers.
+/// A raw client (over TCP or TLS) that speaks `protocol` when it decodes the server's answers.
 pub struct Client {
-    pub stream: TcpStream,
+    pub stream: Box<dyn Io>,
     pub protocol: Protocol,
     rbuf: BytesMut,
     name: String,
@@ -127,7 +131,17 @@ impl Client {
             .await
             .unwrap_or_else(|_| panic!("{name}: TCP connect timed out"))
             .unwrap_or_else(|e| panic!("{name}: TCP connect failed: {e}"));
+        Self::from_stream(stream, protocol, name)
+    }
+
+    /// Wraps an already connected stream (nothing sent yet).
+    pub fn from_stream(stream: TcpStream, protocol: Protocol, name: &str) -> Client {
         stream.set_nodelay(true).unwrap();
+        Self::over(Box::new(stream), protocol, name)
+    }
+
+    /// Wraps any connected byte stream, e.g. a TLS session (nothing sent yet).
+    pub fn over(stream: Box<dyn Io>, protocol: Protocol, name: &str) -> Client {
         Client {
             stream,
             protocol,
@@ -136,14 +150,20 @@ impl Client {
         }
     }
 
-    /// Wraps an already connected stream (nothing sent yet).
-    pub fn from_stream(stream: TcpStream, protocol: Protocol, name: &str) -> Client {
-        stream.set_nodelay(true).unwrap();
-        Client {
-            stream,
-            protocol,
-            rbuf: BytesMut::new(),
-            name: name.to_string(),
+    /// Sends `connect` on this (fresh) connection and reads the (successful) CONNACK.
+    pub async fn handshake(&mut self, connect: &Packet) -> ConnAck {
+        self.send(connect).await;
+        match self.recv().await {
+            Packet::ConnAck(ack) => {
+                assert_eq!(
+                    ack.code,
+                    ReasonCode::SUCCESS,
+                    "{}: CONNACK {ack:?}",
+                    self.name
+                );
+                ack
+            }
+            other => panic!("{}: expected CONNACK, got {other:?}", self.name),
         }
     }
 
@@ -164,19 +184,8 @@ impl Client {
             panic!("not a CONNECT: {connect:?}");
         };
         let mut client = Client::tcp(addr, c.protocol, c.client_id.as_str()).await;
-        client.send(&connect).await;
-        match client.recv().await {
-            Packet::ConnAck(ack) => {
-                assert_eq!(
-                    ack.code,
-                    ReasonCode::SUCCESS,
-                    "{}: CONNACK {ack:?}",
-                    client.name
-                );
-                (client, ack)
-            }
-            other => panic!("{}: expected CONNACK, got {other:?}", client.name),
-        }
+        let ack = client.handshake(&connect).await;
+        (client, ack)
     }
 
     pub async fn v5(addr: SocketAddr, client_id: &str) -> Client {

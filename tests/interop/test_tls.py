@@ -1,0 +1,171 @@
+"""MQTT over TLS with third-party clients: paho-mqtt (3.1.1 and 5) and Debian's
+mosquitto_pub / mosquitto_sub, against ``ferry serve --tls-listen``.
+
+Two servers per module run: one with a certificate made here by ``openssl`` (clients verify
+it against that CA file), one with no certificate configured (Ferry makes a self-signed one:
+a verifying client must refuse it, a client told not to verify gets through). Every wait is
+bounded.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+import subprocess
+import threading
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from interop_support import (V5, V311, WAIT, MosquittoSub, PahoClient, mosquitto_pub,
+                             unique_topic)
+from test_cloud import _ferry_binary
+
+VERSIONS = pytest.mark.parametrize("version", [V311, V5], ids=["v3.1.1", "v5"])
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+
+class TlsFerry:
+    """``ferry serve`` with a TCP and a TLS listener on 127.0.0.1 port 0; stopped by PID."""
+
+    def __init__(self, workdir: Path, cert: Path | None, key: Path | None) -> None:
+        cmd = [str(_ferry_binary()), "serve", "--listen", "127.0.0.1:0",
+               "--tls-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0",
+               "--queue-listen", "127.0.0.1:0", "--data-dir", str(workdir / "data"),
+               "--log-level", "warn"]
+        if cert is not None:
+            conf = workdir / "ferry.toml"
+            conf.write_text(f'[mqtt]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+            cmd += ["--config", str(conf)]
+        self.log_path = workdir / "ferry.stderr.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=log)
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:
+            for raw in self.proc.stdout:
+                lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
+            lines.put(None)
+
+        threading.Thread(target=pump, name="ferry-tls-stdout", daemon=True).start()
+        found: dict[str, Endpoint] = {}
+        while "mqtt" not in found or "mqtt-tls" not in found:
+            try:
+                line = lines.get(timeout=20)
+            except queue.Empty:
+                line = None
+            if line is None:
+                self.stop()
+                pytest.fail(f"ferry serve did not announce both MQTT listeners: "
+                            f"{self.log_path.read_text(errors='replace')[-3000:]}", pytrace=False)
+            if m := re.match(r"ferry: (mqtt|mqtt-tls) listening on (\S+):(\d+)$", line):
+                found[m.group(1)] = Endpoint(m.group(2), int(m.group(3)))
+        self.tcp, self.tls = found["mqtt"], found["mqtt-tls"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost / 127.0.0.1 (it is its own CA), and its key."""
+    d = tmp_path_factory.mktemp("pki")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=WAIT)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def ferry(tmp_path_factory, certs):
+    server = TlsFerry(tmp_path_factory.mktemp("tls"), *certs)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory):
+    server = TlsFerry(tmp_path_factory.mktemp("tls-self"), None, None)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def clients():
+    made: list[PahoClient] = []
+
+    def make(endpoint, version, **kwargs) -> PahoClient:
+        c = PahoClient(endpoint, version, **kwargs)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@VERSIONS
+def test_paho_over_tls_exchanges_messages_with_tcp_clients(ferry, certs, clients, version):
+    tls = {"ca_certs": str(certs[0])}
+    topic = unique_topic("tls")
+    secure = clients(ferry.tls, version, tls=tls).connect()
+    plain = clients(ferry.tcp, version).connect()
+    assert secure.subscribe(f"{topic}/#", qos=1) == [1]
+    assert plain.subscribe(f"{topic}/#", qos=1) == [1]
+    big = bytes(range(256)) * 400  # 100 KiB: several TLS records
+    secure.publish(f"{topic}/from-tls", big, qos=1)
+    plain.publish(f"{topic}/from-tcp", b"hello over tcp", qos=1)
+    for c in (secure, plain):
+        got = {m.topic: m.payload for m in c.expect_messages(2)}
+        assert got == {f"{topic}/from-tls": big, f"{topic}/from-tcp": b"hello over tcp"}
+
+
+def test_mosquitto_clients_over_tls(ferry, certs):
+    topic = unique_topic("mosq")
+    tls_args = ["--cafile", str(certs[0])]
+    sub = MosquittoSub.start(ferry.tls, V311, [topic], qos=1, count=1, extra_args=tls_args)
+    try:
+        assert sub.wait_subscribed() == [1]
+        mosquitto_pub(ferry.tls, V5, topic, b"over tls", qos=1, extra_args=tls_args)
+        assert sub.finish() == 0, sub.describe()
+    finally:
+        sub.kill()
+    assert [(m.topic, m.payload) for m in sub.messages] == [(topic, b"over tls")]
+
+
+def test_a_client_that_does_not_trust_the_certificate_is_refused_by_its_own_check(
+        self_signed, clients):
+    c = clients(self_signed.tls, V5, tls={})  # the system's CAs only
+    with pytest.raises(ssl.SSLCertVerificationError):
+        c.connect()
+
+
+def test_the_self_signed_certificate_serves_a_client_that_skips_verification(
+        self_signed, clients):
+    c = clients(self_signed.tls, V5, tls={"cert_reqs": ssl.CERT_NONE, "insecure": True})
+    c.connect()
+    topic = unique_topic("self")
+    assert c.subscribe(topic, qos=1) == [1]
+    c.publish(topic, b"unverified but encrypted", qos=1)
+    assert c.expect_message().payload == b"unverified but encrypted"
