@@ -15,8 +15,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::net::TcpListener;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, info_span, warn};
@@ -151,14 +150,12 @@ impl Server {
         })?;
         let listener = listen(config.listen)?;
         let local_addr = listener.local_addr()?;
-        let tls_listener = match &config.tls {
-            Some(tls) => Some((listen(tls.listen)?, tls.acceptor.clone())),
-            None => None,
-        };
-        let tls_addr = match &tls_listener {
-            Some((l, _)) => Some(l.local_addr()?),
-            None => None,
-        };
+        let tls_listener = (config.tls.as_ref())
+            .map(|tls| listen(tls.listen).map(|l| (l, tls.acceptor.clone())))
+            .transpose()?;
+        let tls_addr = (tls_listener.as_ref())
+            .map(|(l, _)| l.local_addr())
+            .transpose()?;
         let metrics = Arc::new(Metrics::default());
         let instances = Arc::new(Instances::new(
             meta,
@@ -207,20 +204,14 @@ impl Server {
         // every pending connection, as an event loop would, instead of yielding after a few
         // and leaving the rest to overflow the listen queue while thousands of connection
         // tasks run (a SYN dropped there costs the client a 1 s retransmission).
-        let mut accept = vec![tokio::spawn(tokio::task::unconstrained(accept_loop(
-            listener,
-            None,
-            shared.clone(),
-            stop_rx.clone(),
-        )))];
+        let spawn_loop = |listener, tls| {
+            let accept = accept_loop(listener, tls, shared.clone(), stop_rx.clone());
+            tokio::spawn(tokio::task::unconstrained(accept))
+        };
+        let mut accept = vec![spawn_loop(listener, None)];
         info!(addr = %local_addr, "mqtt listener started");
         if let Some((listener, acceptor)) = tls_listener {
-            accept.push(tokio::spawn(tokio::task::unconstrained(accept_loop(
-                listener,
-                Some(acceptor),
-                shared.clone(),
-                stop_rx,
-            ))));
+            accept.push(spawn_loop(listener, Some(acceptor)));
             info!(addr = ?tls_addr, "mqtt tls listener started");
         }
         Ok(Server {
@@ -351,12 +342,10 @@ async fn accept_loop(
                 tokio::spawn(task);
             }
             Some(acceptor) => {
-                let handshake =
-                    tls_handshake(acceptor.clone(), stream, shared.clone(), stop.clone());
-                let shared = shared.clone();
-                let stop = stop.clone();
+                let (acceptor, shared, stop) = (acceptor.clone(), shared.clone(), stop.clone());
                 tokio::spawn(async move {
-                    match handshake.await {
+                    let timeout = shared.config.handshake_timeout;
+                    match tls_handshake(&acceptor, stream, timeout, stop.clone()).await {
                         // Boxed: the TLS state is large, and only TLS connections carry it.
                         Ok(tls) => {
                             connection::ConnTask::new(Box::new(tls), peer, id, shared, stop, span)
@@ -377,12 +366,11 @@ async fn accept_loop(
 
 /// The server side of a TLS handshake, within the handshake timeout and until shutdown.
 async fn tls_handshake(
-    acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: &tokio_rustls::TlsAcceptor,
     stream: TcpStream,
-    shared: Arc<Shared>,
+    timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
-    let timeout = shared.config.handshake_timeout;
     tokio::select! {
         res = tokio::time::timeout(timeout, acceptor.accept(stream)) => {
             res.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))?
