@@ -93,9 +93,11 @@ class PahoClient:
         session_expiry: int | None = None,
         keepalive: int = 30,
         tls: dict | None = None,
+        websocket_path: str | None = None,
     ) -> None:
         """``tls``: keyword arguments for paho's ``tls_set`` (MQTT over TLS), and
-        ``insecure=True`` to skip the host name check."""
+        ``insecure=True`` to skip the host name check. ``websocket_path``: MQTT over WebSocket
+        on that path."""
         self.endpoint = endpoint
         self.version = version
         self.client_id = client_id or unique_id("paho")
@@ -109,8 +111,11 @@ class PahoClient:
             client_id=self.client_id,
             protocol=version,
             reconnect_on_failure=False,
+            transport="websockets" if websocket_path else "tcp",
             **extra,
         )
+        if websocket_path:
+            self._client.ws_set_options(path=websocket_path)
         if tls is not None:
             tls = dict(tls)
             insecure = tls.pop("insecure", False)

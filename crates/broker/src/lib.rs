@@ -1,8 +1,8 @@
 //! Ferry's MQTT runtime around the sans-I/O core.
 //!
 //! Where things are:
-//! - [`server`]: [`Server::start`] binds the TCP listener (and the TLS one when configured),
-//!   spawns the router task and one task per connection; [`Server::shutdown`] stops accepting, sends DISCONNECT 0x8B and drains.
+//! - [`server`]: [`Server::start`] binds the TCP listener (and the TLS, WebSocket and WSS ones
+//!   when configured), spawns the router task and one task per connection; [`Server::shutdown`] stops accepting, sends DISCONNECT 0x8B and drains.
 //! - `instances`: one router task per instance, started on first use.
 //! - `router`: the task that owns an instance's [`ferry_core::Broker`] and dispatches its
 //!   outputs.
@@ -10,6 +10,7 @@
 //! - `logins`: failed-login rate limiting per source address.
 //! - [`persist`]: encoding of the core's store operations for the embedded store, restore at
 //!   start-up, and the metadata documents.
+//! - `ws`: MQTT over WebSocket (the opening handshake and the framing, as a byte stream).
 //! - `connection`: the per-connection driver (read, decode, [`ferry_core::Connection`], write).
 //! - [`outbox`]: the bounded router → connection queue (QoS 0 overflow is dropped and counted).
 //! - [`auth`]: user name / password authentication of the default listener.
@@ -32,6 +33,7 @@ pub mod outbox;
 pub mod persist;
 mod router;
 pub mod server;
+mod ws;
 
 pub use auth::{Authenticator, User};
 pub use control::{ClientView, Control, ControlError, PublishRequest};

@@ -1,5 +1,5 @@
-//! The MQTT listeners (TCP, and TLS when configured), the instances' router tasks, and
-//! graceful shutdown.
+//! The MQTT listeners (TCP; TLS, WebSocket and WebSocket over TLS when configured), the
+//! instances' router tasks, and graceful shutdown.
 
 use crate::auth::Authenticator;
 use crate::control::Control;
@@ -26,6 +26,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// MQTT over TLS (port 8883 by convention); off when `None`.
     pub tls: Option<TlsListener>,
+    /// MQTT over WebSocket (port 8083 by convention); off when `None`.
+    pub ws: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS (port 8084 by convention); off when `None`.
+    pub wss: Option<TlsListener>,
+    /// The HTTP path of the WebSocket listeners.
+    pub ws_path: String,
     /// The server-wide limits; an instance's settings can narrow them.
     pub limits: Limits,
     /// Server-wide topic ACL, applied in every instance.
@@ -53,6 +59,9 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             tls: None,
+            ws: None,
+            wss: None,
+            ws_path: "/mqtt".into(),
             limits: Limits::default(),
             acl: Acl::default(),
             auth: Authenticator {
@@ -94,10 +103,36 @@ impl fmt::Debug for TlsListener {
     }
 }
 
+/// How a listener's connections speak MQTT.
+#[derive(Clone)]
+enum Transport {
+    Tcp,
+    Tls(tokio_rustls::TlsAcceptor),
+    /// WebSocket on this path.
+    Ws(Arc<str>),
+    Wss(tokio_rustls::TlsAcceptor, Arc<str>),
+}
+
+impl Transport {
+    fn name(&self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls(_) => "tls",
+            Transport::Ws(_) => "ws",
+            Transport::Wss(..) => "wss",
+        }
+    }
+}
+
+/// A connection's byte stream once its transport's handshakes are done.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// A running server.
 pub struct Server {
     local_addr: SocketAddr,
-    tls_addr: Option<SocketAddr>,
+    /// Every listener's transport name and address, TCP first.
+    addrs: Vec<(&'static str, SocketAddr)>,
     shared: Arc<Shared>,
     stop_accepting: watch::Sender<bool>,
     accept: Vec<JoinHandle<()>>,
@@ -150,12 +185,22 @@ impl Server {
         })?;
         let listener = listen(config.listen)?;
         let local_addr = listener.local_addr()?;
-        let tls_listener = (config.tls.as_ref())
-            .map(|tls| listen(tls.listen).map(|l| (l, tls.acceptor.clone())))
-            .transpose()?;
-        let tls_addr = (tls_listener.as_ref())
-            .map(|(l, _)| l.local_addr())
-            .transpose()?;
+        // The other listeners, bound before anything starts.
+        let path: Arc<str> = config.ws_path.as_str().into();
+        let mut others = Vec::new();
+        if let Some(t) = &config.tls {
+            others.push((listen(t.listen)?, Transport::Tls(t.acceptor.clone())));
+        }
+        if let Some(addr) = config.ws {
+            others.push((listen(addr)?, Transport::Ws(path.clone())));
+        }
+        if let Some(t) = &config.wss {
+            others.push((listen(t.listen)?, Transport::Wss(t.acceptor.clone(), path)));
+        }
+        let mut addrs = vec![("tcp", local_addr)];
+        for (listener, transport) in &others {
+            addrs.push((transport.name(), listener.local_addr()?));
+        }
         let metrics = Arc::new(Metrics::default());
         let instances = Arc::new(Instances::new(
             meta,
@@ -208,15 +253,14 @@ impl Server {
             let accept = accept_loop(listener, tls, shared.clone(), stop_rx.clone());
             tokio::spawn(tokio::task::unconstrained(accept))
         };
-        let mut accept = vec![spawn_loop(listener, None)];
-        info!(addr = %local_addr, "mqtt listener started");
-        if let Some((listener, acceptor)) = tls_listener {
-            accept.push(spawn_loop(listener, Some(acceptor)));
-            info!(addr = ?tls_addr, "mqtt tls listener started");
+        let mut accept = vec![spawn_loop(listener, Transport::Tcp)];
+        accept.extend(others.into_iter().map(|(l, t)| spawn_loop(l, t)));
+        for (transport, addr) in &addrs {
+            info!(%addr, transport, "mqtt listener started");
         }
         Ok(Server {
             local_addr,
-            tls_addr,
+            addrs,
             shared,
             stop_accepting,
             accept,
@@ -228,9 +272,26 @@ impl Server {
         self.local_addr
     }
 
+    fn addr(&self, transport: &str) -> Option<SocketAddr> {
+        self.addrs
+            .iter()
+            .find(|(t, _)| *t == transport)
+            .map(|(_, a)| *a)
+    }
+
     /// The address of the MQTT/TLS listener, if there is one.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.tls_addr
+        self.addr("tls")
+    }
+
+    /// The address of the MQTT over WebSocket listener, if there is one.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.addr("ws")
+    }
+
+    /// The address of the MQTT over WebSocket over TLS listener, if there is one.
+    pub fn wss_addr(&self) -> Option<SocketAddr> {
+        self.addr("wss")
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -292,11 +353,11 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Accepts connections on `listener` until `stop`; with `tls`, each one does its TLS handshake
-/// first (in its own task).
+/// Accepts connections on `listener` until `stop`; but for plain TCP, each one does its
+/// transport's handshakes first (in its own task).
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    transport: Transport,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -335,44 +396,50 @@ async fn accept_loop(
         let id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
         shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", id, %peer, client_id = tracing::field::Empty);
-        match &tls {
-            None => {
-                let task =
-                    connection::ConnTask::new(stream, peer, id, shared.clone(), stop.clone(), span);
-                tokio::spawn(task);
-            }
-            Some(acceptor) => {
-                let (acceptor, shared, stop) = (acceptor.clone(), shared.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let timeout = shared.config.handshake_timeout;
-                    match tls_handshake(&acceptor, stream, timeout, stop.clone()).await {
-                        // Boxed: the TLS state is large, and only TLS connections carry it.
-                        Ok(tls) => {
-                            connection::ConnTask::new(Box::new(tls), peer, id, shared, stop, span)
-                                .await
-                        }
-                        Err(why) => {
-                            debug!(%peer, error = %why, "TLS handshake failed");
-                            // No driver was made: give its slot back here.
-                            shared.slots.add_permits(1);
-                            shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
-                        }
+        if let Transport::Tcp = transport {
+            let task =
+                connection::ConnTask::new(stream, peer, id, shared.clone(), stop.clone(), span);
+            tokio::spawn(task);
+        } else {
+            let (transport, shared, stop) = (transport.clone(), shared.clone(), stop.clone());
+            tokio::spawn(async move {
+                let timeout = shared.config.handshake_timeout;
+                match handshake(&transport, stream, timeout, stop.clone()).await {
+                    // Boxed: one driver for every such transport, and their state (TLS's is
+                    // large) only on the connections that use them.
+                    Ok(io) => connection::ConnTask::new(io, peer, id, shared, stop, span).await,
+                    Err(why) => {
+                        debug!(%peer, error = %why, "transport handshake failed");
+                        // No driver was made: give its slot back here.
+                        shared.slots.add_permits(1);
+                        shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
                     }
-                });
-            }
+                }
+            });
         }
     }
 }
 
-/// The server side of a TLS handshake, within the handshake timeout and until shutdown.
-async fn tls_handshake(
-    acceptor: &tokio_rustls::TlsAcceptor,
+/// The server side of the transport's handshakes (TLS, the WebSocket upgrade), within the
+/// handshake timeout and until shutdown.
+async fn handshake(
+    transport: &Transport,
     stream: TcpStream,
     timeout: Duration,
     mut stop: watch::Receiver<bool>,
-) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> io::Result<Box<dyn Io>> {
+    let upgrade = async {
+        Ok::<Box<dyn Io>, io::Error>(match transport {
+            Transport::Tcp => Box::new(stream),
+            Transport::Tls(tls) => Box::new(tls.accept(stream).await?),
+            Transport::Ws(path) => Box::new(crate::ws::accept(stream, path).await?),
+            Transport::Wss(tls, path) => {
+                Box::new(crate::ws::accept(tls.accept(stream).await?, path).await?)
+            }
+        })
+    };
     tokio::select! {
-        res = tokio::time::timeout(timeout, acceptor.accept(stream)) => {
+        res = tokio::time::timeout(timeout, upgrade) => {
             res.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))?
         }
         _ = stop.changed() => Err(io::Error::other("shutting down")),

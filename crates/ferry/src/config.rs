@@ -110,8 +110,13 @@ pub struct Mqtt {
     pub listen: SocketAddr,
     /// MQTT over TLS; unset: no TLS listener.
     pub tls_listen: Option<SocketAddr>,
-    /// PEM certificate (chain) and key of the TLS listener; unset: a self-signed certificate
-    /// for `localhost` and `127.0.0.1`, made at start.
+    /// MQTT over WebSocket, and over WebSocket over TLS; unset: none.
+    pub ws_listen: Option<SocketAddr>,
+    pub wss_listen: Option<SocketAddr>,
+    /// The HTTP path of the WebSocket listeners.
+    pub ws_path: String,
+    /// PEM certificate (chain) and key of the TLS and WSS listeners; unset: a self-signed
+    /// certificate for `localhost` and `127.0.0.1`, made at start.
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
     pub max_connections: usize,
@@ -139,6 +144,9 @@ impl Default for Mqtt {
         Mqtt {
             listen: c.listen,
             tls_listen: None,
+            ws_listen: None,
+            wss_listen: None,
+            ws_path: c.ws_path.clone(),
             tls_cert: None,
             tls_key: None,
             max_connections: c.max_connections,
@@ -288,15 +296,17 @@ impl File {
         if m.handshake_timeout_secs == 0 {
             bail!("mqtt.handshake_timeout_secs: must be at least 1");
         }
-        let tls = match (&m.tls_listen, &m.tls_cert, &m.tls_key) {
-            (_, Some(_), None) | (_, None, Some(_)) => {
+        let tls_wanted = m.tls_listen.is_some() || m.wss_listen.is_some();
+        let tls_config = match (&m.tls_cert, &m.tls_key) {
+            (Some(_), None) | (None, Some(_)) => {
                 bail!("mqtt.tls_cert and mqtt.tls_key: set both or neither")
             }
-            (None, Some(_), Some(_)) => {
-                bail!("mqtt.tls_cert: set, but mqtt.tls_listen is not (no TLS listener)")
-            }
-            (None, None, None) => None,
-            (Some(listen), cert, key) => {
+            (Some(_), Some(_)) if !tls_wanted => bail!(
+                "mqtt.tls_cert: set, but neither mqtt.tls_listen nor mqtt.wss_listen is (no TLS \
+                 listener)"
+            ),
+            _ if !tls_wanted => None,
+            (cert, key) => {
                 let files =
                     cert.as_ref()
                         .zip(key.as_ref())
@@ -304,13 +314,24 @@ impl File {
                             cert: cert.clone(),
                             key: key.clone(),
                         });
-                let config = ferry_queue::tls_server_config(files.as_ref(), "mqtt")?;
-                Some(ferry_broker::TlsListener::new(*listen, config))
+                Some(ferry_queue::tls_server_config(files.as_ref(), "mqtt")?)
             }
         };
+        let tls_listener = |addr: Option<SocketAddr>| {
+            addr.zip(tls_config.clone())
+                .map(|(addr, config)| ferry_broker::TlsListener::new(addr, config))
+        };
+        if !m.ws_path.starts_with('/') || m.ws_path.contains(char::is_whitespace) {
+            bail!(
+                "mqtt.ws_path: must start with / and hold no spaces, got {:?}",
+                m.ws_path
+            );
+        }
         // Anonymous clients by default only when every MQTT listener is on a loopback address.
-        let all_loopback =
-            m.listen.ip().is_loopback() && m.tls_listen.is_none_or(|a| a.ip().is_loopback());
+        let all_loopback = [Some(m.listen), m.tls_listen, m.ws_listen, m.wss_listen]
+            .into_iter()
+            .flatten()
+            .all(|a| a.ip().is_loopback());
         let mut rules = Vec::with_capacity(self.acl.rules.len());
         for (i, r) in self.acl.rules.iter().enumerate() {
             let field = format!("acl.rules[{i}]");
@@ -342,7 +363,10 @@ impl File {
         let defaults = ferry_broker::Config::default();
         Ok(ferry_broker::Config {
             listen: m.listen,
-            tls,
+            tls: tls_listener(m.tls_listen),
+            ws: m.ws_listen,
+            wss: tls_listener(m.wss_listen),
+            ws_path: m.ws_path.clone(),
             limits: ferry_core::Limits {
                 max_packet_size: m.max_packet_size,
                 max_keep_alive: m.max_keep_alive,
@@ -451,7 +475,12 @@ mod tests {
             "{e}"
         );
         let e = err("[mqtt]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n");
-        assert!(e.contains("mqtt.tls_listen is not"), "{e}");
+        assert!(
+            e.contains("neither mqtt.tls_listen nor mqtt.wss_listen"),
+            "{e}"
+        );
+        let e = err("[mqtt]\nws_listen = \"127.0.0.1:0\"\nws_path = \"mqtt\"\n");
+        assert!(e.contains("mqtt.ws_path"), "{e}");
         let e = err(concat!(
             "[mqtt]\ntls_listen = \"127.0.0.1:0\"\n",
             "tls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n"
@@ -466,6 +495,12 @@ mod tests {
         assert!(c.auth.allow_anonymous);
         let f: File = toml::from_str("[mqtt]\ntls_listen = \"0.0.0.0:8883\"\n").unwrap();
         assert!(!f.to_runtime().unwrap().auth.allow_anonymous);
+        let f: File = toml::from_str("[mqtt]\nws_listen = \"0.0.0.0:8083\"\n").unwrap();
+        assert!(!f.to_runtime().unwrap().auth.allow_anonymous);
+        let f: File = toml::from_str("[mqtt]\nwss_listen = \"127.0.0.1:0\"\n").unwrap();
+        let c = f.to_runtime().unwrap();
+        assert!(c.wss.is_some() && c.tls.is_none() && c.ws.is_none());
+        assert_eq!(c.ws_path, "/mqtt");
         assert!(File::default().to_runtime().unwrap().tls.is_none());
     }
 }

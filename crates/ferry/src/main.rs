@@ -45,6 +45,12 @@ struct ServeArgs {
     /// and mqtt.tls_key, else a self-signed one).
     #[arg(long)]
     tls_listen: Option<SocketAddr>,
+    /// MQTT over WebSocket listen address (overrides mqtt.ws_listen; path mqtt.ws_path).
+    #[arg(long)]
+    ws_listen: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS listen address (overrides mqtt.wss_listen).
+    #[arg(long)]
+    wss_listen: Option<SocketAddr>,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
     #[arg(long, env = "FERRY_LOG")]
     log_level: Option<String>,
@@ -93,6 +99,12 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(v) = args.tls_listen {
         file.mqtt.tls_listen = Some(v);
+    }
+    if let Some(v) = args.ws_listen {
+        file.mqtt.ws_listen = Some(v);
+    }
+    if let Some(v) = args.wss_listen {
+        file.mqtt.wss_listen = Some(v);
     }
     if let Some(v) = args.max_packet_size {
         file.mqtt.max_packet_size = v;
@@ -268,8 +280,14 @@ fn serve(args: ServeArgs) -> Result<()> {
         {
             let mut out = std::io::stdout().lock();
             writeln!(out, "ferry: mqtt listening on {}", server.local_addr())?;
-            if let Some(addr) = server.tls_addr() {
-                writeln!(out, "ferry: mqtt-tls listening on {addr}")?;
+            for (name, addr) in [
+                ("mqtt-tls", server.tls_addr()),
+                ("mqtt-ws", server.ws_addr()),
+                ("mqtt-wss", server.wss_addr()),
+            ] {
+                if let Some(addr) = addr {
+                    writeln!(out, "ferry: {name} listening on {addr}")?;
+                }
             }
             if let Some(url) = &api_url {
                 writeln!(out, "ferry: api listening on {url}")?;

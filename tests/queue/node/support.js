@@ -18,25 +18,29 @@ function unique(kind) {
   return `${kind}-${Math.random().toString(16).slice(2, 14)}`;
 }
 
-async function startFerry() {
+// `extraArgs` go to `ferry serve`; it is ready once it printed the addresses named in `want`
+// (all of them are in `addresses`, by name: mqtt, mqtt-ws, queue, ...).
+async function startFerry(extraArgs = [], want = ['queue']) {
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-node-'));
   const proc = spawn(ferryBin(), ['serve', '--listen', '127.0.0.1:0', '--api-listen', '127.0.0.1:0',
-    '--queue-listen', '127.0.0.1:0', '--data-dir', path.join(dataDir, 'data'), '--log-level', 'warn'],
+    '--queue-listen', '127.0.0.1:0', '--data-dir', path.join(dataDir, 'data'), '--log-level', 'warn',
+    ...extraArgs],
   { stdio: ['ignore', 'pipe', 'inherit'] });
   const addresses = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('ferry did not print its queue address')), 30000);
+    const timer = setTimeout(() => reject(new Error(`ferry did not print ${want.join(', ')}`)), 30000);
     let buf = '';
     const found = {};
     proc.stdout.on('data', (chunk) => {
       buf += chunk.toString();
-      for (const m of buf.matchAll(/ferry: (\w+) listening on (\S+)/g)) found[m[1]] = m[2];
-      if (found.queue) { clearTimeout(timer); resolve(found); }
+      for (const m of buf.matchAll(/ferry: ([\w-]+) listening on (\S+)/g)) found[m[1]] = m[2];
+      if (want.every((w) => found[w])) { clearTimeout(timer); resolve(found); }
     });
     proc.on('exit', (code) => reject(new Error(`ferry exited with ${code}`)));
   });
   return {
     proc,
     dataDir,
+    addresses,
     endpoint: addresses.queue,
     mqtt: addresses.mqtt,
     // `ferry ctl` against this server; throws with its message on failure.

@@ -1,5 +1,6 @@
-"""MQTT over TLS with third-party clients: paho-mqtt (3.1.1 and 5) and Debian's
-mosquitto_pub / mosquitto_sub, against ``ferry serve --tls-listen``.
+"""MQTT over TLS, WebSocket and WebSocket over TLS with third-party clients: paho-mqtt (3.1.1
+and 5, its TCP and websockets transports) and Debian's mosquitto_pub / mosquitto_sub, against
+``ferry serve --tls-listen --ws-listen --wss-listen``.
 
 Two servers per module run: one with a certificate made here by ``openssl`` (clients verify
 it against that CA file), one with no certificate configured (Ferry makes a self-signed one:
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from paho.mqtt.client import WebsocketConnectionError
 
 from interop_support import (V5, V311, WAIT, MosquittoSub, PahoClient, mosquitto_pub,
                              unique_topic)
@@ -33,11 +35,13 @@ class Endpoint:
 
 
 class TlsFerry:
-    """``ferry serve`` with a TCP and a TLS listener on 127.0.0.1 port 0; stopped by PID."""
+    """``ferry serve`` with TCP, TLS, WebSocket and WSS listeners on 127.0.0.1 port 0; stopped
+    by PID."""
 
     def __init__(self, workdir: Path, cert: Path | None, key: Path | None) -> None:
         cmd = [str(_ferry_binary()), "serve", "--listen", "127.0.0.1:0",
-               "--tls-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0",
+               "--tls-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0",
+               "--wss-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0",
                "--queue-listen", "127.0.0.1:0", "--data-dir", str(workdir / "data"),
                "--log-level", "warn"]
         if cert is not None:
@@ -57,7 +61,7 @@ class TlsFerry:
 
         threading.Thread(target=pump, name="ferry-tls-stdout", daemon=True).start()
         found: dict[str, Endpoint] = {}
-        while "mqtt" not in found or "mqtt-tls" not in found:
+        while len(found) < 4:
             try:
                 line = lines.get(timeout=20)
             except queue.Empty:
@@ -66,9 +70,11 @@ class TlsFerry:
                 self.stop()
                 pytest.fail(f"ferry serve did not announce both MQTT listeners: "
                             f"{self.log_path.read_text(errors='replace')[-3000:]}", pytrace=False)
-            if m := re.match(r"ferry: (mqtt|mqtt-tls) listening on (\S+):(\d+)$", line):
+            if m := re.match(r"ferry: (mqtt|mqtt-tls|mqtt-ws|mqtt-wss) listening on (\S+):(\d+)$",
+                             line):
                 found[m.group(1)] = Endpoint(m.group(2), int(m.group(3)))
         self.tcp, self.tls = found["mqtt"], found["mqtt-tls"]
+        self.ws, self.wss = found["mqtt-ws"], found["mqtt-wss"]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -169,3 +175,28 @@ def test_the_self_signed_certificate_serves_a_client_that_skips_verification(
     assert c.subscribe(topic, qos=1) == [1]
     c.publish(topic, b"unverified but encrypted", qos=1)
     assert c.expect_message().payload == b"unverified but encrypted"
+
+
+@VERSIONS
+def test_paho_over_websocket_and_wss_exchange_messages_with_tcp_clients(ferry, certs, clients,
+                                                                        version):
+    topic = unique_topic("ws")
+    ws = clients(ferry.ws, version, websocket_path="/mqtt").connect()
+    wss = clients(ferry.wss, version, websocket_path="/mqtt",
+                  tls={"ca_certs": str(certs[0])}).connect()
+    plain = clients(ferry.tcp, version).connect()
+    for c in (ws, wss, plain):
+        assert c.subscribe(f"{topic}/#", qos=1) == [1]
+    big = bytes(range(256)) * 300  # 75 KiB: longer than a 16-bit WebSocket frame length
+    ws.publish(f"{topic}/ws", big, qos=1)
+    wss.publish(f"{topic}/wss", b"over wss", qos=1)
+    plain.publish(f"{topic}/tcp", b"over tcp", qos=1)
+    want = {f"{topic}/ws": big, f"{topic}/wss": b"over wss", f"{topic}/tcp": b"over tcp"}
+    for c in (ws, wss, plain):
+        assert {m.topic: m.payload for m in c.expect_messages(3)} == want
+
+
+def test_a_websocket_client_on_another_path_is_refused(ferry, clients):
+    c = clients(ferry.ws, V5, websocket_path="/elsewhere")
+    with pytest.raises(WebsocketConnectionError, match="not upgraded"):
+        c.connect()
