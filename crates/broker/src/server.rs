@@ -404,7 +404,10 @@ async fn accept_loop(
             let (transport, shared, stop) = (transport.clone(), shared.clone(), stop.clone());
             tokio::spawn(async move {
                 let timeout = shared.config.handshake_timeout;
-                match handshake(&transport, stream, timeout, stop.clone()).await {
+                // Boxed: the handshakes' state (a TLS handshake's is large) would otherwise
+                // size this task for as long as the connection lives.
+                let upgrade = Box::pin(handshake(&transport, stream, timeout, stop.clone()));
+                match upgrade.await {
                     // Boxed: one driver for every such transport, and their state (TLS's is
                     // large) only on the connections that use them.
                     Ok(io) => connection::ConnTask::new(io, peer, id, shared, stop, span).await,

@@ -7,7 +7,8 @@
 //! answered with pongs, a close frame is answered and ends the stream, a text frame or an
 //! unmasked frame is an error. Every write becomes one frame, buffered until the socket takes
 //! it; a new write waits until the previous frame is out, so at most one frame is buffered.
-//! Both buffers are given back when empty, so an idle connection holds none.
+//! Both buffers are given back when empty, and reads go through the stack, so an idle
+//! connection holds no buffer.
 
 use base64::Engine as _;
 use bytes::{Buf, BufMut, BytesMut};
@@ -342,16 +343,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
             if this.rx.is_empty() && this.rx.capacity() > 0 {
                 this.rx = BytesMut::new(); // nothing buffered: hold no memory while idle
             }
-            this.rx.reserve(READ_CHUNK);
-            let n = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut this.inner),
-                cx,
-                &mut this.rx
-            ))?;
-            if n == 0 {
+            // Read through the stack, so that a connection waiting for data holds no buffer.
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut read = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            if read.filled().is_empty() {
                 this.eof = true;
                 return Poll::Ready(Ok(()));
             }
+            this.rx.extend_from_slice(read.filled());
         }
     }
 }
