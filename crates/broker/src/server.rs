@@ -353,8 +353,8 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Accepts connections on `listener` until `stop`; but for plain TCP, each one does its
-/// transport's handshakes first (in its own task).
+/// Accepts connections on `listener` until `stop`. Except on plain TCP, each connection first
+/// does its transport's handshakes (TLS, the WebSocket upgrade), in its own task.
 async fn accept_loop(
     listener: TcpListener,
     transport: Transport,
