@@ -57,9 +57,13 @@ def _ferry_binary() -> Path:
 
 
 class Ferry:
-    """A ``ferry serve`` child process and ``ferry ctl`` against it."""
+    """A ``ferry serve`` child process and ``ferry ctl`` against it. ``extra`` goes to ``ferry
+    serve``; ``listeners`` maps each announced listener (``mqtt``, ``mqtt-tls``, ``api``, ...) to
+    its address once ``mqtt``, ``api`` and all of ``want`` are up."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra: tuple[str, ...] = (),
+                 want: tuple[str, ...] = ()) -> None:
+        want = ("mqtt", "api", *want)
         self.binary = _ferry_binary()
         if not self.binary.is_file():
             pytest.fail(f"Ferry binary not found at {self.binary}; build it or set FERRY_BIN",
@@ -69,7 +73,7 @@ class Ferry:
         cmd = [str(self.binary), "serve", "--listen", "127.0.0.1:0",
                "--api-listen", "127.0.0.1:0", "--queue-listen", "127.0.0.1:0",
                "--data-dir", str(self.data_dir),
-               "--log-level", "warn"]
+               "--log-level", "warn", *extra]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=log)
@@ -81,24 +85,25 @@ class Ferry:
             lines.put(None)
 
         threading.Thread(target=pump, name="ferry-cloud-stdout", daemon=True).start()
-        mqtt_addr = api_url = None
+        self.listeners: dict[str, str] = {}
         deadline = time.monotonic() + 20
-        while mqtt_addr is None or api_url is None:
+        while not all(w in self.listeners for w in want):
             try:
                 line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 line = None
             if line is None:
                 self.stop()
-                pytest.fail(f"ferry serve did not announce its listeners: {self.log_tail()}",
+                pytest.fail(f"ferry serve did not announce {', '.join(want)}: {self.log_tail()}",
                             pytrace=False)
-            if m := re.match(r"ferry: mqtt listening on (\S+)$", line):
-                mqtt_addr = m.group(1)
-            elif m := re.match(r"ferry: api listening on (\S+)$", line):
-                api_url = m.group(1)
-        host, _, port = mqtt_addr.rpartition(":")
-        self.endpoint = Endpoint(host.strip("[]"), int(port))
-        self.api = api_url
+            if m := re.match(r"ferry: ([\w-]+) listening on (\S+)$", line):
+                self.listeners[m.group(1)] = m.group(2)
+        self.endpoint = self.mqtt_endpoint("mqtt")
+        self.api = self.listeners["api"]
+
+    def mqtt_endpoint(self, name: str) -> Endpoint:
+        host, _, port = self.listeners[name].rpartition(":")
+        return Endpoint(host.strip("[]"), int(port))
 
     def log_tail(self) -> str:
         try:

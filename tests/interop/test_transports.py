@@ -10,12 +10,8 @@ bounded.
 
 from __future__ import annotations
 
-import re
 import ssl
 import subprocess
-import threading
-import queue
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,67 +19,25 @@ from paho.mqtt.client import WebsocketConnectionError
 
 from interop_support import (V5, V311, WAIT, MosquittoSub, PahoClient, mosquitto_pub,
                              unique_topic)
-from test_cloud import _ferry_binary
+from test_cloud import Ferry
 
 VERSIONS = pytest.mark.parametrize("version", [V311, V5], ids=["v3.1.1", "v5"])
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    host: str
-    port: int
-
-
-class TlsFerry:
-    """``ferry serve`` with TCP, TLS, WebSocket and WSS listeners on 127.0.0.1 port 0; stopped
-    by PID."""
+class TlsFerry(Ferry):
+    """``ferry serve`` with TCP, TLS, WebSocket and WSS listeners on 127.0.0.1 port 0, with
+    ``cert`` and ``key`` (else its self-signed certificate); stopped by PID."""
 
     def __init__(self, workdir: Path, cert: Path | None, key: Path | None) -> None:
-        cmd = [str(_ferry_binary()), "serve", "--listen", "127.0.0.1:0",
-               "--tls-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0",
-               "--wss-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0",
-               "--queue-listen", "127.0.0.1:0", "--data-dir", str(workdir / "data"),
-               "--log-level", "warn"]
+        extra = ["--tls-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0",
+                 "--wss-listen", "127.0.0.1:0"]
         if cert is not None:
             conf = workdir / "ferry.toml"
             conf.write_text(f'[mqtt]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
-            cmd += ["--config", str(conf)]
-        self.log_path = workdir / "ferry.stderr.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=log)
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def pump() -> None:
-            for raw in self.proc.stdout:
-                lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
-            lines.put(None)
-
-        threading.Thread(target=pump, name="ferry-tls-stdout", daemon=True).start()
-        found: dict[str, Endpoint] = {}
-        while len(found) < 4:
-            try:
-                line = lines.get(timeout=20)
-            except queue.Empty:
-                line = None
-            if line is None:
-                self.stop()
-                pytest.fail(f"ferry serve did not announce both MQTT listeners: "
-                            f"{self.log_path.read_text(errors='replace')[-3000:]}", pytrace=False)
-            if m := re.match(r"ferry: (mqtt|mqtt-tls|mqtt-ws|mqtt-wss) listening on (\S+):(\d+)$",
-                             line):
-                found[m.group(1)] = Endpoint(m.group(2), int(m.group(3)))
-        self.tcp, self.tls = found["mqtt"], found["mqtt-tls"]
-        self.ws, self.wss = found["mqtt-ws"], found["mqtt-wss"]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            extra += ["--config", str(conf)]
+        super().__init__(workdir, tuple(extra), want=("mqtt-tls", "mqtt-ws", "mqtt-wss"))
+        self.tcp, self.tls = self.endpoint, self.mqtt_endpoint("mqtt-tls")
+        self.ws, self.wss = self.mqtt_endpoint("mqtt-ws"), self.mqtt_endpoint("mqtt-wss")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,10 @@
 use crate::error::Failure;
 use base64::Engine as _;
 use bytes::{Buf, BufMut, BytesMut};
+use ferry_codec::ws::{
+    apply_mask, parse_header, put_header, GUID, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING,
+    OP_PONG,
+};
 use sha1::{Digest, Sha1};
 use std::io;
 use std::pin::Pin;
@@ -17,7 +21,6 @@ use std::task::{ready, Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// Framed bytes buffered before `poll_write` waits for the socket.
 const OUT_LIMIT: usize = 256 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
@@ -108,24 +111,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
 
     /// Appends one masked frame carrying `payload`.
     fn frame(&mut self, opcode: u8, payload: &[u8]) {
-        self.out.put_u8(0x80 | opcode);
-        let len = payload.len();
-        if len < 126 {
-            self.out.put_u8(0x80 | len as u8);
-        } else if len <= usize::from(u16::MAX) {
-            self.out.put_u8(0x80 | 126);
-            self.out.put_u16(len as u16);
-        } else {
-            self.out.put_u8(0x80 | 127);
-            self.out.put_u64(len as u64);
-        }
         let mask = (next(&mut self.rng) as u32).to_be_bytes();
-        self.out.put_slice(&mask);
+        put_header(&mut self.out, opcode, payload.len(), Some(mask));
         let start = self.out.len();
         self.out.put_slice(payload);
-        for (i, b) in self.out[start..].iter_mut().enumerate() {
-            *b ^= mask[i % 4];
-        }
+        apply_mask(&mut self.out[start..], mask, 0);
     }
 
     /// Writes buffered frames until none is left or the socket is full.
@@ -143,42 +133,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     /// Parses one frame header (and, for control frames, the payload) off `raw`. `Ok(false)`:
     /// more bytes are needed.
     fn parse_header(&mut self) -> io::Result<bool> {
-        let raw = &self.raw[..];
-        if raw.len() < 2 {
+        let Some(h) = parse_header(&self.raw) else {
             return Ok(false);
-        }
-        let opcode = raw[0] & 0x0f;
-        if raw[1] & 0x80 != 0 {
+        };
+        if h.mask.is_some() {
             return Err(invalid("masked frame from the server"));
         }
-        let (len, header) = match raw[1] & 0x7f {
-            126 if raw.len() >= 4 => (u64::from(u16::from_be_bytes([raw[2], raw[3]])), 4),
-            127 if raw.len() >= 10 => (
-                u64::from_be_bytes(raw[2..10].try_into().unwrap_or_default()),
-                10,
-            ),
-            126 | 127 => return Ok(false),
-            n => (u64::from(n), 2),
-        };
-        match opcode {
-            0x0..=0x2 => {
-                self.raw.advance(header);
-                self.payload_left = len;
+        match h.opcode {
+            OP_CONTINUATION..=OP_BINARY => {
+                self.raw.advance(h.size);
+                self.payload_left = h.len;
                 Ok(true)
             }
-            0x8..=0xA => {
-                let total = header + len as usize;
-                if len > 125 {
+            OP_CLOSE..=OP_PONG => {
+                let total = h.size + h.len as usize;
+                if h.len > 125 {
                     return Err(invalid("control frame too long"));
                 }
                 if self.raw.len() < total {
                     return Ok(false);
                 }
-                let payload = self.raw[header..total].to_vec();
+                let payload = self.raw[h.size..total].to_vec();
                 self.raw.advance(total);
-                match opcode {
-                    0x8 => self.closed = true,
-                    0x9 => self.frame(0xA, &payload),
+                match h.opcode {
+                    OP_CLOSE => self.closed = true,
+                    OP_PING => self.frame(OP_PONG, &payload),
                     _ => {}
                 }
                 Ok(true)
@@ -238,7 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
         if this.out.len() >= OUT_LIMIT {
             ready!(this.poll_drain(cx))?;
         }
-        this.frame(0x2, data);
+        this.frame(OP_BINARY, data);
         // Start writing now; what does not fit goes out on the next write or flush.
         let _ = this.poll_drain(cx)?;
         Poll::Ready(Ok(data.len()))

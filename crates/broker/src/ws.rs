@@ -12,23 +12,19 @@
 
 use base64::Engine as _;
 use bytes::{Buf, BufMut, BytesMut};
+use ferry_codec::ws::{
+    apply_mask, parse_header, put_header, GUID, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING,
+    OP_PONG, OP_TEXT,
+};
 use sha1::{Digest, Sha1};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// The largest opening handshake request we read.
 const MAX_REQUEST: usize = 8 * 1024;
 const READ_CHUNK: usize = 4096;
-
-const OP_CONTINUATION: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
 
 fn invalid(why: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.into())
@@ -202,23 +198,8 @@ pub(crate) struct WsStream<S> {
 
 /// Appends a server frame (never masked) with `payload` to `out`.
 fn put_frame(out: &mut BytesMut, opcode: u8, payload: &[u8]) {
-    put_header(out, opcode, payload.len());
+    put_header(out, opcode, payload.len(), None);
     out.put_slice(payload);
-}
-
-/// Appends the header of a final, unmasked frame of `len` payload bytes, and room for them.
-fn put_header(out: &mut BytesMut, opcode: u8, len: usize) {
-    out.reserve(len + 10);
-    out.put_u8(0x80 | opcode);
-    if len < 126 {
-        out.put_u8(len as u8);
-    } else if len <= u16::MAX as usize {
-        out.put_u8(126);
-        out.put_u16(len as u16);
-    } else {
-        out.put_u8(127);
-        out.put_u64(len as u64);
-    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
@@ -240,33 +221,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     /// Handles the control frame or starts the data frame whose header is at the front of
     /// `rx`; `Ok(false)` if the frame (header, or a control frame's payload) is incomplete.
     fn take_header(&mut self) -> io::Result<bool> {
-        let b = &self.rx[..];
-        if b.len() < 2 {
+        let Some(h) = parse_header(&self.rx) else {
             return Ok(false);
-        }
-        let (fin, rsv, opcode) = (b[0] & 0x80 != 0, b[0] & 0x70, b[0] & 0x0F);
-        if rsv != 0 {
+        };
+        if h.rsv != 0 {
             return Err(invalid("WebSocket frame with reserved bits set"));
         }
-        if b[1] & 0x80 == 0 {
+        let Some(mask) = h.mask else {
             return Err(invalid("unmasked WebSocket frame from a client"));
-        }
-        let (len, at) = match b[1] & 0x7F {
-            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as u64, 4),
-            127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().unwrap()), 10),
-            126 | 127 => return Ok(false),
-            n => (n as u64, 2),
         };
-        if b.len() < at + 4 {
-            return Ok(false);
-        }
-        let mask: [u8; 4] = b[at..at + 4].try_into().unwrap();
-        let start = at + 4;
-        match opcode {
+        match h.opcode {
             OP_BINARY | OP_CONTINUATION => {
-                self.rx.advance(start);
-                self.frame = (len > 0).then_some(Frame {
-                    left: len,
+                self.rx.advance(h.size);
+                self.frame = (h.len > 0).then_some(Frame {
+                    left: h.len,
                     mask,
                     at: 0,
                 });
@@ -276,21 +244,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
                 "WebSocket text frame: MQTT travels in binary frames",
             )),
             OP_CLOSE | OP_PING | OP_PONG => {
-                if len > 125 || !fin {
+                if h.len > 125 || !h.fin {
                     return Err(invalid("malformed WebSocket control frame"));
                 }
-                let len = len as usize;
-                if b.len() < start + len {
+                let end = h.size + h.len as usize;
+                if self.rx.len() < end {
                     return Ok(false);
                 }
-                let payload: Vec<u8> = (0..len).map(|i| b[start + i] ^ mask[i % 4]).collect();
-                self.rx.advance(start + len);
-                match opcode {
+                let mut payload = self.rx[h.size..end].to_vec();
+                apply_mask(&mut payload, mask, 0);
+                self.rx.advance(end);
+                match h.opcode {
                     OP_PING => put_frame(&mut self.tx, OP_PONG, &payload),
                     OP_CLOSE => {
                         if !self.close_sent {
                             // Echo the status code, as the RFC asks.
-                            put_frame(&mut self.tx, OP_CLOSE, &payload[..len.min(2)]);
+                            put_frame(&mut self.tx, OP_CLOSE, &payload[..payload.len().min(2)]);
                             self.close_sent = true;
                         }
                         self.eof = true;
@@ -317,9 +286,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                 let n = n.min(buf.remaining());
                 if n > 0 {
                     let out = buf.initialize_unfilled_to(n);
-                    for (i, (o, r)) in out.iter_mut().zip(&this.rx[..n]).enumerate() {
-                        *o = r ^ frame.mask[(frame.at + i) % 4];
-                    }
+                    out.copy_from_slice(&this.rx[..n]);
+                    apply_mask(out, frame.mask, frame.at);
                     buf.advance(n);
                     this.rx.advance(n);
                     frame.at = (frame.at + n) % 4;
@@ -374,7 +342,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
         ready!(this.poll_send(cx))?;
         let len = bufs.iter().map(|b| b.len()).sum();
         if len > 0 {
-            put_header(&mut this.tx, OP_BINARY, len);
+            put_header(&mut this.tx, OP_BINARY, len, None);
             for b in bufs {
                 this.tx.put_slice(b);
             }

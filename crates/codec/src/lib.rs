@@ -11,6 +11,7 @@
 //! - [`reason`] holds the MQTT 5 reason codes and their MQTT 3 equivalents.
 //! - [`bytestr`] holds [`ByteStr`], a validated UTF-8 string that is a slice of the frame.
 //! - [`error`] holds [`DecodeError`], which knows the reason code to answer malformed input with.
+//! - [`ws`] holds WebSocket frame headers, for MQTT over WebSocket (server and client sides).
 //!
 //! Decoding is zero-copy: topic names, client ids, payloads and binary properties are
 //! reference-counted slices of the received frame, so forwarding a message copies no payload.
@@ -21,6 +22,7 @@ mod io;
 pub mod packet;
 pub mod properties;
 pub mod reason;
+pub mod ws;
 
 pub use bytestr::ByteStr;
 pub use error::{DecodeError, EncodeError};
